@@ -1,0 +1,44 @@
+"""The `localmoe` command: a thin click group, one module per subcommand.
+
+Subcommand modules are imported only when that subcommand runs, so that
+`localmoe --help` stays fast (no numba import).
+"""
+import importlib
+import sys
+
+import click
+
+# name -> (module under localmoe.cli, attribute, one-line help)
+COMMANDS = {
+    "inspect": ("inspect", "inspect_cmd", "Show a GGUF model's architecture, tensors and expert layout."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        mod, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"{__package__}.{mod}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        from localmoe.errors import LocalMoEError
+        try:
+            return super().invoke(ctx)
+        except LocalMoEError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="localmoe")
+def main():
+    """localmoe: run and quantize Mixture-of-Experts GGUF models on your CPU."""

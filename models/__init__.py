@@ -1,0 +1,1 @@
+"""Development tools: test-model builder and shipped vocab files."""
