@@ -10,7 +10,13 @@ import math
 
 import numpy as np
 
+from localmoe.errors import LocalMoEError
+
 from .base import quant_type
+
+
+class QuantShapeError(LocalMoEError, ValueError):
+    """Tensor bytes, shape and activations do not fit together."""
 
 
 def as_rows(raw: np.ndarray, qtype, shape) -> tuple[np.ndarray, int, int]:
@@ -20,13 +26,13 @@ def as_rows(raw: np.ndarray, qtype, shape) -> tuple[np.ndarray, int, int]:
     n_cols = shape[-1]
     n_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     if n_cols % qt.block_size:
-        raise ValueError(f"{qt.qtype.name}: row length {n_cols} is not a multiple of {qt.block_size}")
+        raise QuantShapeError(f"{qt.qtype.name}: row length {n_cols} is not a multiple of {qt.block_size}")
     raw = np.ascontiguousarray(raw)
     if raw.dtype != np.uint8:
         raw = raw.reshape(-1).view(np.uint8)
     rb = qt.row_bytes(n_cols)
     if raw.size != n_rows * rb:
-        raise ValueError(f"{qt.qtype.name} {shape}: expected {n_rows * rb} bytes, got {raw.size}")
+        raise QuantShapeError(f"{qt.qtype.name} {shape}: expected {n_rows * rb} bytes, got {raw.size}")
     return raw.reshape(n_rows, rb), n_rows, n_cols
 
 
@@ -43,7 +49,7 @@ def matvec(raw: np.ndarray, qtype, shape, x: np.ndarray) -> np.ndarray:
     w, n_rows, n_cols = as_rows(raw, qtype, shape)
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if x.size != n_cols:
-        raise ValueError(f"x has {x.size} elements, weight has {n_cols} columns")
+        raise QuantShapeError(f"x has {x.size} elements, weight has {n_cols} columns")
     out = np.empty(n_rows, dtype=np.float32)
     quant_type(qtype).matvec_into(out, x, w)
     return out
@@ -54,7 +60,7 @@ def matmul(raw: np.ndarray, qtype, shape, x: np.ndarray) -> np.ndarray:
     w, n_rows, n_cols = as_rows(raw, qtype, shape)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != n_cols:
-        raise ValueError(f"x must be [n_tok, {n_cols}], got {x.shape}")
+        raise QuantShapeError(f"x must be [n_tok, {n_cols}], got {x.shape}")
     out = np.empty((x.shape[0], n_rows), dtype=np.float32)
     quant_type(qtype).matmul_into(out, x, w)
     return out
