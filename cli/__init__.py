@@ -11,6 +11,8 @@ import click
 # name -> (module under localmoe.cli, attribute, one-line help)
 COMMANDS = {
     "inspect": ("inspect", "inspect_cmd", "Show a GGUF model's architecture, tensors and expert layout."),
+    "quantize-model": ("quantize_model", "quantize_model_cmd", "Quantize an F16/BF16/F32 model (Q4_K_M, Q8_0, ...) as llama-quantize does."),
+    "run": ("run", "run_cmd", "Generate text from a model, streaming tokens to stdout."),
 }
 
 

@@ -1,0 +1,37 @@
+"""`localmoe run MODEL -p TEXT`: stream a completion to stdout, speeds to stderr."""
+import click
+
+
+@click.command("run")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-p", "--prompt", required=True, help="Text to complete.")
+@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
+              help="Maximum number of tokens to generate.")
+@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy.")
+@click.option("--top-k", default=40, show_default=True, type=int)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--min-p", default=0.05, show_default=True, type=float)
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="Compute threads.")
+@click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
+              help="Override the number of active experts (ARCH.expert_used_count).")
+@click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=1),
+              help="Context length (default: min(training context, 4096)).")
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
+            n_expert_used, n_ctx, stop):
+    """Generate text from MODEL, streaming tokens as they come."""
+    from localmoe.model import load
+    m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used)
+    for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop)):
+        click.echo(piece, nl=False)
+    click.echo()
+    t = m.timings
+    click.echo(f"prompt: {t.n_prompt} tokens, {_rate(t.n_prompt, t.t_prompt)} | "
+               f"decode: {t.n_decode} tokens, {_rate(t.n_decode, t.t_decode)}", err=True)
+
+
+def _rate(n: int, secs: float) -> str:
+    return f"{n / secs:.2f} tokens/s" if secs > 0 and n else "n/a"

@@ -1,0 +1,29 @@
+"""OLMoE: RMS QK-norm over the whole q / k projection (all heads at once),
+neox RoPE, softmax routing without renormalising the top-k weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localmoe.layers import rms_norm
+
+from . import base
+
+
+@dataclass(frozen=True)
+class ModelArgs(base.ModelArgs):
+    rope_neox = True
+
+
+class Block(base.Block):
+    required = base.Block.required + ("attn_q_norm", "attn_k_norm", "ffn_gate_inp",
+                                      "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+    def qk_norm(self, q, k):
+        eps = self.args.norm_eps
+        n = q.shape[0]
+        q = rms_norm(q.reshape(n, -1), self.w.attn_q_norm, eps).reshape(q.shape)
+        k = rms_norm(k.reshape(n, -1), self.w.attn_k_norm, eps).reshape(k.shape)
+        return q, k
+
+    def ffn(self, x):
+        return self.routed_experts(x, "softmax", norm=False)

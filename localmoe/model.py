@@ -1,0 +1,174 @@
+"""Model: load a GGUF MoE model and run it (eval, generate) on the CPU."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from localmoe.arch import arch_module
+from localmoe.errors import LocalMoEError
+from localmoe.experts import ExpertStore
+from localmoe.kv_cache import KVCache
+from localmoe.layers import rms_norm
+from localmoe.weights import load_tensors
+
+DEFAULT_MAX_CTX = 4096
+N_UBATCH = 512  # tokens per forward pass through the blocks
+
+
+@dataclass
+class Timings:
+    """Seconds spent in the last generate_tokens call: the prompt batch, then one-token steps."""
+
+    n_prompt: int = 0
+    t_prompt: float = 0.0
+    n_decode: int = 0
+    t_decode: float = 0.0
+
+
+class Model:
+    def __init__(self, gguf_file, n_ctx: int | None = None, n_expert_used: int | None = None):
+        self.file = gguf_file
+        mod = arch_module(gguf_file.arch)
+        self.args = a = mod.ModelArgs.from_gguf(gguf_file, n_expert_used)
+        top, blocks = load_tensors(gguf_file)
+        self.token_embd = top.token_embd
+        self.output_norm = top.output_norm
+        self.output = getattr(top, "output", top.token_embd)  # tied embeddings when absent
+        self.store = ExpertStore.from_blocks(blocks, a.n_expert)
+        self.blocks = [mod.Block(a, w, il, self.store) for il, w in enumerate(blocks)]
+        self.n_ctx = int(min(a.n_ctx_train, DEFAULT_MAX_CTX) if n_ctx is None else n_ctx)
+        if self.n_ctx < 1:
+            raise LocalMoEError(f"n_ctx must be >= 1, got {n_ctx}")
+        self.cache = KVCache(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim_k, a.head_dim_v)
+        self.cos, self.sin = a.rope.tables(self.n_ctx,
+                                           getattr(top, "rope_freqs", None))  # f32[n_ctx, n_rot/2] each
+        self._tokenizer = None
+        self.timings = Timings()
+
+    @property
+    def n_vocab(self) -> int:
+        return self.args.n_vocab
+
+    # --- running -------------------------------------------------------------
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        """Append tokens to the cache. Logits f32[n_tok, n_vocab] for each of them, or
+        f32[1, n_vocab] for the last one only. Runs in micro-batches of N_UBATCH tokens
+        (like llama.cpp's n_ubatch) so attention scratch stays bounded for long prompts."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise LocalMoEError("no tokens to evaluate")
+        bad = ids[(ids < 0) | (ids >= self.n_vocab)]
+        if bad.size:
+            raise LocalMoEError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self.cache.check_room(ids.size)
+        out = []
+        for s in range(0, ids.size, N_UBATCH):
+            h = self._hidden(ids[s:s + N_UBATCH])
+            if all_logits or s + N_UBATCH >= ids.size:
+                h = h if all_logits else h[-1:]
+                out.append(self.output(rms_norm(h, self.output_norm, self.args.norm_eps)))
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _hidden(self, ids: np.ndarray) -> np.ndarray:
+        """Run the blocks over ids at the next cache positions -> f32[n_tok, n_embd]."""
+        p0 = self.cache.n_past
+        cos, sin = self.cos[p0:p0 + ids.size], self.sin[p0:p0 + ids.size]
+        x = self.token_embd.get_rows(ids)  # f32[n_tok, n_embd]
+        for blk in self.blocks:
+            x = blk(x, self.cache, cos, sin)
+        self.cache.advance(ids.size)
+        return x
+
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits f32[len(tokens), n_vocab] for every position, from an empty cache, batched."""
+        self.reset()
+        return self.forward(tokens)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], max_tokens: int = 128,
+                        **sampling) -> Iterator[int]:
+        """Sampled token ids after the prompt (which starts a fresh cache); stops at end-of-generation."""
+        from localmoe.sampling import Sampler
+        if max_tokens < 0:
+            raise LocalMoEError(f"max_tokens must be >= 0, got {max_tokens}")
+        prompt = list(prompt_tokens)
+        if not prompt:
+            raise LocalMoEError("the prompt is empty")
+        sampler = Sampler(**sampling)
+        eog = self.tokenizer.is_eog
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.forward(prompt, all_logits=False)[-1]
+        self.timings = Timings(len(prompt), time.perf_counter() - t0)
+        history = list(prompt)
+        for i in range(max_tokens):
+            tok = sampler.sample(logits, history)
+            if eog(tok):
+                return
+            yield tok
+            history.append(tok)
+            if i + 1 == max_tokens or len(history) >= self.n_ctx:
+                return
+            t0 = time.perf_counter()
+            logits = self.forward([tok])[0]
+            self.timings.n_decode += 1
+            self.timings.t_decode += time.perf_counter() - t0
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] | str | None = None) -> Iterator[str]:
+        """Stream text pieces of a completion of `prompt`; cut before the first stop string."""
+        from localmoe.sampling import StopStrings
+        from localmoe.tokenizer import Detokenizer
+        stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+        detok = Detokenizer(self.tokenizer, at_start=False)  # a continuation keeps its leading space
+        toks = self.generate_tokens(self.tokenize(prompt), max_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repeat_penalty=repeat_penalty, seed=seed)
+        for tok in toks:
+            text, stopped = stops.feed(detok.feed(tok))
+            if text:
+                yield text
+            if stopped:
+                toks.close()
+                return
+        text, _ = stops.feed(detok.flush())
+        tail = text + stops.flush()
+        if tail:
+            yield tail
+
+    # --- text ----------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from localmoe.tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_gguf(self.file.metadata)
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_special: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+
+def load(path, n_threads: int | None = None, n_ctx: int | None = None,
+         n_expert_used: int | None = None, **planner_opts) -> Model:
+    """Open a GGUF MoE model. n_expert_used overrides {arch}.expert_used_count like
+    llama.cpp's --override-kv; n_threads sets numba's thread count."""
+    from localmoe.gguf_file import open_gguf
+    if planner_opts:
+        raise LocalMoEError(f"unknown load options: {', '.join(sorted(planner_opts))}")
+    if n_threads is not None:
+        import numba
+        if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
+            raise LocalMoEError(f"n_threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {n_threads}")
+        numba.set_num_threads(int(n_threads))
+    return Model(open_gguf(path), n_ctx=n_ctx, n_expert_used=n_expert_used)

@@ -1,0 +1,131 @@
+"""Weight tensors as raw GGUF bytes + qtype; all math goes through localmoe.quant.
+
+A `Linear` is a 2-D weight (rows, cols) or a stack of them (n, rows, cols),
+numpy order (GGUF ne reversed). Model code calls `matmul_into`/`matvec_into`
+and never looks at the block bytes. `LayerWeights` exposes a block's tensors
+under their GGUF names (`blk.3.attn_q.weight` -> `layer.attn_q`, its
+`.bias` -> `layer.attn_q.bias`), so loading needs no mapping tables.
+"""
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from localmoe.errors import GGUFFormatError, UnsupportedError
+from localmoe.quant import quant_type
+
+
+class Linear:
+    """y = W x (+ bias) for a GGUF weight; W stays in its on-disk format."""
+
+    def __init__(self, name: str, qtype, shape, data: np.ndarray):
+        self.name, self.qtype = name, T(qtype)
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) == 1:  # a single row, e.g. qwen2moe's ffn_gate_inp_shexp
+            self.shape = (1,) + self.shape
+        self.qt = quant_type(self.qtype)
+        n_cols = self.shape[-1]
+        if n_cols % self.qt.block_size:
+            raise GGUFFormatError(f"{name}: row length {n_cols} is not a multiple of "
+                                  f"{self.qtype.name}'s block size {self.qt.block_size}")
+        rb = self.qt.row_bytes(n_cols)
+        raw = data.reshape(-1).view(np.uint8)
+        if raw.size != math.prod(self.shape[:-1]) * rb:
+            raise GGUFFormatError(f"{name}: {raw.size} bytes do not fit {self.qtype.name} {self.shape}")
+        self.rows = raw.reshape(self.shape[:-1] + (rb,))  # u8[..., rows, row_bytes]
+        self.bias: np.ndarray | None = None
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[-1]
+
+    def stacked(self, e: int) -> "Linear":
+        """Matrix e of a 3-D stack (expert e), as a zero-copy Linear."""
+        sub = Linear.__new__(Linear)
+        sub.name, sub.qtype, sub.qt = f"{self.name}[{e}]", self.qtype, self.qt
+        sub.shape, sub.rows, sub.bias = self.shape[1:], self.rows[e], None
+        return sub
+
+    def matvec_into(self, out: np.ndarray, x: np.ndarray) -> None:  # out f32[n_out], x f32[n_in]
+        self.qt.matvec_into(out, x, self.rows)
+        if self.bias is not None:
+            out += self.bias
+
+    def matmul_into(self, out: np.ndarray, x: np.ndarray) -> None:  # out f32[n_tok, n_out], x f32[n_tok, n_in]
+        if x.shape[0] == 1:
+            self.matvec_into(out[0], x[0])
+            return
+        self.qt.matmul_into(out, x, self.rows)
+        if self.bias is not None:
+            out += self.bias
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # f32[n_tok, n_in] -> f32[n_tok, n_out]
+        out = np.empty((x.shape[0], self.n_out), np.float32)
+        self.matmul_into(out, np.ascontiguousarray(x, dtype=np.float32))
+        return out
+
+    def get_rows(self, ids) -> np.ndarray:  # f32[len(ids), n_in]: embedding lookup
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((ids.size, self.n_in), np.float32)
+        self.qt.dequantize_into(out, np.ascontiguousarray(self.rows[ids]))
+        return out
+
+    def dequantize(self) -> np.ndarray:  # f32[shape]
+        flat = self.rows.reshape(-1, self.rows.shape[-1])
+        out = np.empty((flat.shape[0], self.n_in), np.float32)
+        self.qt.dequantize_into(out, flat)
+        return out.reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"<Linear {self.name} {self.qtype.name} {self.shape}>"
+
+
+_NAME = re.compile(r"^(?:blk\.(\d+)\.)?([A-Za-z0-9_]+)\.(weight|bias)$")
+
+
+def load_tensors(gguf_file) -> tuple[SimpleNamespace, list[SimpleNamespace]]:
+    """(global tensors, per-block tensors) keyed by GGUF name.
+
+    2-D+ weights become `Linear`; 1-D weights (norms) become f32 arrays, except
+    where a 1-D tensor is a projection (qwen2moe's `ffn_gate_inp_shexp` row). Biases attach to
+    their weight as `.bias`; a bias with no weight (deepseek2's exp_probs_b) is
+    an f32 array under its own name.
+    """
+    n_layer = int(gguf_file.arch_get("block_count"))
+    top, blocks = {}, [{} for _ in range(n_layer)]
+    biases = []
+    for name, t in gguf_file.tensors.items():
+        m = _NAME.match(name)
+        if m is None:
+            raise UnsupportedError(f"tensor {name!r}: unexpected name (per-expert tensors of old "
+                                   f"Mixtral conversions are not supported; re-convert the model)")
+        layer, base, kind = m.groups()
+        if layer is not None and int(layer) >= n_layer:
+            raise GGUFFormatError(f"tensor {name!r}: block index beyond block_count={n_layer}")
+        dst = top if layer is None else blocks[int(layer)]
+        if kind == "bias":
+            biases.append((dst, base, name, t))
+        elif len(t.shape) == 1 and not base.endswith("_inp_shexp"):
+            dst[base] = _as_f32(name, t)
+        else:
+            dst[base] = Linear(name, t.qtype, t.shape, t.data)
+    for dst, base, name, t in biases:
+        if base in dst:
+            dst[base].bias = _as_f32(name, t)
+        else:
+            dst[base] = _as_f32(name, t)
+    return SimpleNamespace(**top), [SimpleNamespace(**b) for b in blocks]
+
+
+def _as_f32(name, t) -> np.ndarray:
+    if T(t.qtype) == T.F32:
+        return t.data.view(np.float32).reshape(t.shape)
+    return Linear(name, t.qtype, t.shape, t.data).dequantize().reshape(t.shape)
