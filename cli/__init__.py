@@ -10,8 +10,10 @@ import click
 
 # name -> (module under localmoe.cli, attribute, one-line help)
 COMMANDS = {
+    "chat": ("chat", "chat_cmd", "Chat with a model interactively."),
     "inspect": ("inspect", "inspect_cmd", "Show a GGUF model's architecture, tensors and expert layout."),
-    "quantize-model": ("quantize_model", "quantize_model_cmd", "Quantize an F16/BF16/F32 model (Q4_K_M, Q8_0, ...) as llama-quantize does."),
+    "quantize-model": ("quantize_model", "quantize_model_cmd", "Quantize an F16/BF16/F32 model as llama-quantize does."),
+    "plan": ("plan", "plan_cmd", "Plan memory for running a model under a RAM budget (--ram-budget)."),
     "run": ("run", "run_cmd", "Generate text from a model, streaming tokens to stdout."),
 }
 

@@ -6,7 +6,7 @@ __all__ = ["GGUFFormatError", "LocalMoEError", "UnsupportedError", "__version__"
 
 # imported on first use so that `import localmoe` stays cheap (no numba)
 _LAZY = {"load": "localmoe.model", "load_tokenizer": "localmoe.tokenizer",
-         "quantize": "localmoe.quantize"}
+         "quantize": "localmoe.quantizer"}
 
 
 def __getattr__(name):

@@ -254,6 +254,10 @@ class _Legacy(QuantType):
         self._check(out.size, qy, dy, sy, w)
         matvec_q8act(out, qy, dy, sy, w, int(self.qtype))
 
+    def quantize(self, w):
+        from .legacy_quantize import quantize_rows  # kept out of the runtime's import path
+        return quantize_rows(self, w)
+
     def _check(self, n_out, qy, dy, sy, w):
         # the vector kernels read raw memory: shapes and contiguity must be right
         n = qy.shape[-1]

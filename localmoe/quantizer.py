@@ -1,0 +1,357 @@
+"""`localmoe quantize-model`: an F32/F16/BF16 GGUF in, the file llama.cpp's llama-quantize writes out.
+
+Output layout, as llama_model_quantize_impl builds it: every input KV in order
+(split.* dropped), then general.quantization_version and general.file_type
+re-appended at the end (gguf_set_val_u32 removes, then appends); tensors in
+the loader's order (quant_mix.tensor_order), each padded with zeros to the
+alignment. Types come from quant_mix.plan_types.
+
+Memory stays bounded whatever the model size: tensors are streamed in slabs
+of whole rows (read, convert to f32, quantize, write, drop), and the output
+goes to OUT.partial, which is validated and renamed only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as VT
+
+from .errors import LocalMoEError, UnsupportedError
+from .gguf_file import DEFAULT_ALIGNMENT, GGUFFile, open_gguf
+from .quant_mix import MIXES, is_quantized, plan_types, tensor_order
+
+GGML_QNT_VERSION = 2
+GGUF_VERSION = 3
+SLAB_BYTES = 64 << 20      # f32 rows converted at once: bounds the working set
+_DROPPED_KEYS = ("general.quantization_version", "general.file_type", "split.no", "split.count",
+                 "split.tensors.count")
+_SOURCE_TYPES = (T.F32, T.F16, T.BF16)
+_NUMPY = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UINT32: "<u4",
+          VT.INT32: "<i4", VT.FLOAT32: "<f4", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8",
+          VT.BOOL: "<u1"}
+# byte offsets of the fp16 scales inside a block, checked like ggml_validate_row_data
+_SCALE_OFFSETS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+                  T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+class QuantizeError(LocalMoEError):
+    """The quantization cannot run or failed (output exists, disk full, bad values...)."""
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]      # numpy order
+    old: T
+    new: T
+    n_bytes_in: int
+    n_bytes_out: int
+
+    @property
+    def converts(self) -> bool:
+        return self.old != self.new
+
+
+@dataclass
+class Plan:
+    """What quantize() writes; with dry_run=True it is all that happens."""
+    mix: str
+    tensors: list[TensorPlan]
+    header: bytes = field(repr=False)
+    alignment: int
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.n_bytes_in for t in self.tensors)
+
+    @property
+    def output_size(self) -> int:
+        """Exact size of the output file in bytes."""
+        return len(self.header) + sum(_pad(t.n_bytes_out, self.alignment) for t in self.tensors)
+
+    @property
+    def requantized(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.converts and is_quantized(t.old)]
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def _ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """shape as gguf_add_tensor stores it: ggml_n_dims drops trailing ne of 1 (leading here)."""
+    ne = list(reversed(shape)) or [1]
+    while len(ne) > 1 and ne[-1] == 1:
+        ne.pop()
+    return tuple(reversed(ne))
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv_bytes(key: str, vtype: VT, is_array: bool, value) -> bytes:
+    head = _string(key)
+    if not is_array:
+        head += struct.pack("<i", vtype)
+        if vtype == VT.STRING:
+            return head + _string(value)
+        return head + np.array(value, _NUMPY[vtype]).tobytes()
+    head += struct.pack("<iiQ", VT.ARRAY, vtype, len(value))
+    if vtype == VT.STRING:
+        return head + b"".join(_string(s) for s in value)
+    return head + np.array(value, _NUMPY[vtype]).tobytes()
+
+
+def _header(gf: GGUFFile, tensors: list[TensorPlan], file_type: int, alignment: int) -> bytes:
+    md = gf.metadata
+    kvs = [_kv_bytes(k, *md.value_type(k), md[k]) for k in md if k not in _DROPPED_KEYS]
+    kvs.append(_kv_bytes("general.quantization_version", VT.UINT32, False, GGML_QNT_VERSION))
+    kvs.append(_kv_bytes("general.file_type", VT.UINT32, False, file_type))
+    infos, offset = [], 0
+    for t in tensors:
+        ne = list(reversed(t.shape))
+        infos.append(_string(t.name) + struct.pack(f"<I{len(ne)}qiQ", len(ne), *ne, t.new, offset))
+        offset += _pad(t.n_bytes_out, alignment)
+    out = b"GGUF" + struct.pack("<Iqq", GGUF_VERSION, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return out + bytes(_pad(len(out), alignment) - len(out))
+
+
+def _n_bytes(qtype: T, shape: tuple[int, ...]) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
+
+
+def make_plan(gf: GGUFFile, mix: str) -> Plan:
+    """The per-tensor plan and the output header for quantizing gf to `mix`."""
+    mix = mix.upper()
+    if mix not in MIXES:
+        raise UnsupportedError(f"unknown quantization type {mix!r}; choose one of {', '.join(MIXES)}")
+    md = gf.metadata
+    if int(md.get("split.count", 1)) > 1:
+        raise UnsupportedError(f"{gf.path} is one shard of a split model ({md['split.count']} files); "
+                               f"merge it first (llama-gguf-split --merge)")
+    shapes = {name: _ggml_shape(ti.shape) for name, ti in gf.tensors.items()}
+    try:
+        types = plan_types(mix, md, [(n, gf.tensors[n].qtype, s) for n, s in shapes.items()])
+    except KeyError as e:
+        raise UnsupportedError(f"{gf.path}: missing metadata key {e} needed to choose tensor types") from None
+    tensors = []
+    for name in tensor_order(gf.tensors):
+        ti = gf.tensors[name]
+        new = types[name]
+        tensors.append(TensorPlan(name, shapes[name], ti.qtype, new, ti.n_bytes, _n_bytes(new, shapes[name])))
+    # llama.cpp pads to GGUF_DEFAULT_ALIGNMENT but copies a general.alignment KV; honouring the KV
+    # keeps the file readable and is identical whenever the KV is absent or 32
+    alignment = int(md.get("general.alignment", DEFAULT_ALIGNMENT))
+    return Plan(mix, tensors, _header(gf, tensors, int(MIXES[mix][0]), alignment), alignment)
+
+
+def _check_inputs(plan: Plan, path: str, allow_requantize: bool) -> None:
+    from .quant import QuantType, quant_type, supported_types
+    for t in plan.tensors:
+        if not t.converts:
+            continue
+        if t.old not in _SOURCE_TYPES and (not is_quantized(t.old) or t.old not in supported_types()):
+            raise UnsupportedError(f"tensor {t.name} has type {t.old.name}, which localmoe cannot convert; "
+                                   f"input tensors must be F32, F16 or BF16")
+        if is_quantized(t.old) and not allow_requantize:
+            raise QuantizeError(f"{path} is already quantized (tensor {t.name} is {t.old.name}); requantizing "
+                                f"loses quality. Start from the F16/BF16/F32 model, or pass --allow-requantize")
+        if t.new not in supported_types() or type(quant_type(t.new)).quantize is QuantType.quantize:
+            raise UnsupportedError(f"tensor {t.name}: quantizing to {t.new.name} is not implemented yet")
+
+
+def _validate_rows(t: TensorPlan, out: np.ndarray) -> None:
+    """Like ggml_validate_row_data: no inf/NaN values or fp16 scales (llama.cpp then fails the file)."""
+    if t.new in _SOURCE_TYPES:
+        vals = out.view(np.float32) if t.new == T.F32 else None
+        if vals is None:  # F16 / BF16 bit patterns: exponent all ones
+            h = out.view(np.uint16)
+            bad = (h & 0x7C00) == 0x7C00 if t.new == T.F16 else (h & 0x7F80) == 0x7F80
+        else:
+            bad = ~np.isfinite(vals)
+    else:
+        size = GGML_QUANT_SIZES[t.new][1]
+        blocks = out.reshape(-1, size)
+        bad = np.zeros(blocks.shape[0], bool)
+        for o in _SCALE_OFFSETS[t.new]:
+            h = blocks[:, o].astype(np.uint16) | (blocks[:, o + 1].astype(np.uint16) << 8)
+            bad |= (h & 0x7C00) == 0x7C00
+    if bad.any():
+        raise QuantizeError(f"tensor {t.name}: converting to {t.new.name} gives inf/NaN values (the input "
+                            f"has inf/NaN or values beyond the fp16 range); llama.cpp rejects this too")
+
+
+class _Progress:
+    """tqdm bar (tensors and bytes, rate, ETA) on a terminal, else one log line per tensor."""
+
+    def __init__(self, plan: Plan, enabled):
+        self.n, self.i, self.bar = len(plan.tensors), 0, None
+        self.enabled = enabled if enabled is not None else True
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=f"quantize {plan.mix}", dynamic_ncols=True)
+
+    def tensor(self, t: TensorPlan) -> None:
+        self.i += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.i}/{self.n} {t.name}", refresh=False)
+        elif self.enabled:
+            conv = f"{t.old.name} -> {t.new.name}" if t.converts else f"{t.old.name} (copied)"
+            print(f"[{self.i:4d}/{self.n:4d}] {t.name:40s} {list(t.shape)} {conv} "
+                  f"{t.n_bytes_in / 2**20:.2f} MiB -> {t.n_bytes_out / 2**20:.2f} MiB", file=sys.stderr, flush=True)
+
+    def advance(self, n_bytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n_bytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Scratch:
+    """Reused slab buffers: fresh 64 MiB arrays per slab would page-fault every time."""
+
+    def __init__(self):
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, n: int, dtype) -> np.ndarray:
+        buf = self.bufs.get(key)
+        if buf is None or buf.nbytes < n * np.dtype(dtype).itemsize:
+            buf = self.bufs[key] = np.empty(n * np.dtype(dtype).itemsize, np.uint8)
+        return buf[:n * np.dtype(dtype).itemsize].view(dtype)
+
+
+def _read(f, offset: int, buf: np.ndarray) -> np.ndarray:
+    f.seek(offset)
+    if f.readinto(memoryview(buf)) != buf.size:
+        raise QuantizeError(f"{f.name}: short read at offset {offset}: was the file changed?")
+    return buf
+
+
+def _write_tensor(src, dst, ti, t: TensorPlan, alignment: int, progress: _Progress, scratch: _Scratch) -> None:
+    """Stream one tensor from src to dst in slabs of whole rows."""
+    from .quant import quant_type
+    n_cols = t.shape[-1]
+    n_rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
+    rb_in = t.n_bytes_in // n_rows
+    slab = max(1, SLAB_BYTES // (4 * n_cols))
+    qin, qout = (quant_type(t.old), quant_type(t.new)) if t.converts else (None, None)
+    for r0 in range(0, n_rows, slab):
+        n = min(slab, n_rows - r0)
+        raw = _read(src, ti.offset + r0 * rb_in, scratch.get("in", n * rb_in, np.uint8))
+        if qout is not None:
+            if t.old == T.F32:
+                x = raw.view(np.float32).reshape(n, n_cols)
+            else:
+                x = scratch.get("f32", n * n_cols, np.float32).reshape(n, n_cols)
+                qin.dequantize_into(x, raw.reshape(n, rb_in))
+            raw = np.ascontiguousarray(qout.quantize(x))
+            _validate_rows(t, raw)
+        dst.write(memoryview(raw).cast("B"))
+        progress.advance(n * rb_in)
+    dst.write(bytes(_pad(t.n_bytes_out, alignment) - t.n_bytes_out))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    """numba's pool limited to `threads` for the block (all of it when None)."""
+    import numba
+    if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise QuantizeError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def quantize(in_path, out_path, qtype: str, threads: int | None = None, force: bool = False,
+             dry_run: bool = False, allow_requantize: bool = False, progress: bool | None = None) -> Plan:
+    """Quantize the GGUF model at in_path to the mix `qtype` (e.g. "Q4_K_M") into out_path.
+
+    progress: None shows a bar on a terminal and log lines otherwise, False is silent.
+    Returns the Plan; with dry_run nothing is written.
+    """
+    src_path, out = Path(in_path), Path(out_path)
+    if _same_file(src_path, out):
+        raise QuantizeError(f"input and output are the same file ({out}); choose another output path")
+    with open_gguf(src_path) as gf:
+        plan = make_plan(gf, qtype)
+        if dry_run:
+            return plan
+        _check_inputs(plan, gf.path, allow_requantize)
+        if out.exists() and not force:
+            raise QuantizeError(f"{out} already exists; pass --force to overwrite it")
+        if out.is_dir():
+            raise QuantizeError(f"{out} is a directory; give an output file name")
+        out_dir = out.parent
+        if not out_dir.is_dir():
+            raise QuantizeError(f"output directory {out_dir} does not exist")
+        free = shutil.disk_usage(out_dir).free
+        if free < plan.output_size:
+            raise QuantizeError(f"not enough disk space in {out_dir}: the output needs "
+                                f"{plan.output_size / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+        if plan.requantized and progress is not False:
+            print(f"warning: requantizing {len(plan.requantized)} already quantized tensors "
+                  f"(dequantize, then quantize again): expect lower quality than quantizing "
+                  f"from the F16/BF16 model", file=sys.stderr)
+        with _threads(threads):
+            _write_atomic(gf, plan, out, progress)
+    return plan
+
+
+def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
+    partial = out.with_name(out.name + ".partial")
+    bar = _Progress(plan, progress)
+    try:
+        with open(gf.path, "rb", buffering=0) as src, open(partial, "wb") as dst:
+            dst.write(plan.header)
+            scratch = _Scratch()
+            for t in plan.tensors:
+                bar.tensor(t)
+                _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
+            dst.flush()
+            os.fsync(dst.fileno())
+        size = partial.stat().st_size
+        if size != plan.output_size:
+            raise QuantizeError(f"{partial}: wrote {size} bytes, planned {plan.output_size}")
+        open_gguf(partial).close()   # the header reads back as a valid GGUF
+        os.replace(partial, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise QuantizeError(f"writing {out} failed: {e.strerror or e}") from e
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
