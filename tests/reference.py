@@ -129,6 +129,7 @@ def check_logits(arch: str, ftype: str, prompt: str = PROMPT, variant: str | Non
     left out (at most MAX_TIE_POSITIONS): there a different pick is legitimate."""
     import localmoe
     path = model_file(arch, ftype, variant)
+    name = f"{arch}/{variant}" if variant else arch
     tokens = tokenize(path, prompt)
     ref = logits_batch(path, tokens)
     n = nmse(logits_stepwise(path, tokens), ref)
@@ -139,7 +140,7 @@ def check_logits(arch: str, ftype: str, prompt: str = PROMPT, variant: str | Non
     e = nmse(ours, ref)
     keep = margins >= ROUTER_TIE
     e_keep = nmse(ours[keep], ref[keep])
-    msg = (f"{arch} {ftype}: NMSE={e:.3g} (near-tie-free positions: {e_keep:.3g}, "
+    msg = (f"{name} {ftype}: NMSE={e:.3g} (near-tie-free positions: {e_keep:.3g}, "
            f"{int((~keep).sum())} near-tie positions) vs llama.cpp self-noise n={n:.3g}, tol={tol:.3g}")
     print(msg)
     assert e <= tol or (e_keep <= tol and (~keep).sum() <= MAX_TIE_POSITIONS), msg
@@ -151,6 +152,7 @@ def check_greedy(arch: str, ftype: str, prompt: str = PROMPT, variant: str | Non
     that difference is small (row NMSE < 1e-2) so a broken model cannot pass."""
     import localmoe
     path = model_file(arch, ftype, variant)
+    name = f"{arch}/{variant}" if variant else arch
     prompt_ids = tokenize(path, prompt)
     ref_ids, ref_logits = greedy(path, prompt_ids, N_GREEDY)
     model = localmoe.load(path, n_ctx=128)
@@ -164,10 +166,10 @@ def check_greedy(arch: str, ftype: str, prompt: str = PROMPT, variant: str | Non
             gap = float(top2[1] - top2[0])
             rms = float(np.sqrt(np.mean((row - ref_logits[i]) ** 2)))
             e = nmse(row, ref_logits[i])
-            msg = (f"{arch} {ftype}: greedy diverges at step {i} (ours {ours[-1]}, llama.cpp {ref_ids[i]}): "
+            msg = (f"{name} {ftype}: greedy diverges at step {i} (ours {ours[-1]}, llama.cpp {ref_ids[i]}): "
                    f"llama.cpp top-2 gap {gap:.3g}, rms logit diff {rms:.3g}, row NMSE {e:.3g}")
             print(msg)
             assert gap < 4 * rms and e < 1e-2, msg
             return
         row = model.forward([ours[-1]])[0]
-    print(f"{arch} {ftype}: {N_GREEDY} greedy tokens identical to llama.cpp")
+    print(f"{name} {ftype}: {N_GREEDY} greedy tokens identical to llama.cpp")

@@ -1,0 +1,199 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1: multi-head latent attention (MLA), YaRN RoPE
+with DeepSeek's mscale folded into the KQ scale, leading dense layers, shared
+experts, and routing by softmax (V2) or sigmoid + selection bias with
+group-limited top-k (V3). Normal (pairwise) RoPE on the trailing n_rot dims.
+
+Attention comes in the two forms llama.cpp 0.3.36 runs, chosen like llama.cpp
+by the presence of `attention.key_length_mla`:
+- MLA (current converters, split attn_k_b / attn_v_b): the cache holds only the
+  compressed latent + roped key (kv_lora_rank + n_rot per token, fp16; V is a view
+  of its first kv_lora_rank columns), attn_k_b is absorbed into q and attn_v_b
+  decompresses the attention output per head.
+- legacy MHA (older converters, one attn_kv_b): K/V are decompressed per head
+  and cached as ordinary multi-head attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from localmoe.errors import GGUFFormatError, UnsupportedError
+from localmoe.layers import apply_rope, attention, rms_norm, sigmoid, softmax
+from localmoe.moe import moe_ffn, swiglu_ffn
+
+from . import base
+
+GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values we run
+
+
+@dataclass(frozen=True)
+class ModelArgs(base.ModelArgs):
+    n_layer_dense_lead: int = 0
+    q_lora_rank: int = 0          # 0: attn_q directly (V2-Lite)
+    kv_lora_rank: int = 0
+    head_dim_qk: int = 0          # per-head q/k width once decompressed: nope + n_rot
+    head_dim_v_mla: int = 0       # per-head v width once decompressed
+    mla: bool = True              # split attn_k_b/attn_v_b with a latent cache, else legacy attn_kv_b MHA
+    gating: str = "softmax"
+    expert_weights_norm: bool = False
+    n_group: int = 0              # group-limited routing: keep the n_group_used best of n_group groups
+    n_group_used: int = 0
+    rope_neox = False
+
+    @property
+    def n_rot(self) -> int:
+        return self.rope.n_rot
+
+    @classmethod
+    def from_gguf(cls, g, n_expert_used=None, **extra):
+        def get(key, default=None, required=False):
+            return base._scalar(g, key, default, required)
+
+        n_embd = int(get("embedding_length", required=True))
+        n_head = int(get("attention.head_count", required=True))
+        n_ctx_train = int(get("context_length", required=True))
+        kv_lora = int(get("attention.kv_lora_rank", required=True))
+        hd_k = int(get("attention.key_length", n_embd // n_head))
+        hd_v = int(get("attention.value_length", n_embd // n_head))
+        mla = bool(get("attention.key_length_mla", 0)) and bool(get("attention.value_length_mla", 0))
+        hd_qk = int(get("attention.key_length_mla", hd_k)) if mla else hd_k
+        hd_v_mla = int(get("attention.value_length_mla", hd_v)) if mla else hd_v
+        n_rot = int(get("rope.dimension_count", hd_k))
+        if not 0 < n_rot < hd_qk or n_rot % 2:
+            raise GGUFFormatError(f"deepseek2: rope.dimension_count={n_rot} must be even and below the "
+                                  f"per-head key length {hd_qk}")
+        gating_id = int(get("expert_gating_func", 1) or 1)  # 0/absent: softmax, as llama.cpp for V2 files
+        if gating_id not in GATING:
+            raise UnsupportedError(f"deepseek2: expert_gating_func={gating_id} is not supported "
+                                   f"(have: {', '.join(f'{k}={v}' for k, v in GATING.items())})")
+        if int(get("nextn_predict_layers", 0)):
+            raise UnsupportedError("deepseek2: files with multi-token-prediction (nextn) layers are not supported")
+        n_expert = int(get("expert_count", 0))
+        n_group, n_group_used = int(get("expert_group_count", 0)), int(get("expert_group_used_count", 0))
+        if n_group > 1 and (n_group >= n_expert or n_expert % n_group or not 0 < n_group_used < n_group):
+            raise GGUFFormatError(f"deepseek2: {n_expert} experts cannot form {n_group} groups "
+                                  f"of which {n_group_used} are used")
+
+        # [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: the converter stores 0.1 * mscale_all_dim
+        log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+        # llama.cpp's deepseek2 special case sets YaRN's mscale to mscale_all_dim: their ratio is 1
+        rope = cls.rope_from_gguf(g, n_rot, n_ctx_train, yarn_log_mul=log_mul, yarn_mscale=log_mul)
+        rope = replace(rope, beta_fast=32.0, beta_slow=1.0)  # llama.cpp reads no yarn_beta_* for deepseek2
+        # YaRN's magnitude correction goes into the KQ scale (both q and k carry it), not into cos/sin
+        inv_fs = math.log(1.0 / rope.freq_scale)
+        mscale = rope.attn_factor * (1.0 + 0.1 * inv_fs) * (1.0 + 0.1 * log_mul * inv_fs)
+
+        # MLA caches one latent "head" and no V (read as a view of K's first kv_lora_rank columns)
+        cache = dict(n_head_kv=1, head_dim_k=kv_lora + n_rot, head_dim_v=0) if mla else {}
+        return super().from_gguf(
+            g, n_expert_used, rope=rope, kq_scale=mscale * mscale / math.sqrt(hd_qk), **cache,
+            n_layer_dense_lead=int(get("leading_dense_block_count", 0)),
+            q_lora_rank=int(get("attention.q_lora_rank", 0)), kv_lora_rank=kv_lora,
+            head_dim_qk=hd_qk, head_dim_v_mla=hd_v_mla, mla=mla, gating=GATING[gating_id],
+            expert_weights_norm=bool(get("expert_weights_norm", False)),
+            n_group=n_group, n_group_used=n_group_used, **extra)
+
+
+def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs):
+    """llama.cpp's build_moe_ffn selection for deepseek2. logits f32[n_tok, n_expert]
+    -> (ids i32[n_tok, k], weights f32[n_tok, k]).
+
+    The selection bias (exp_probs_b) and the group mask only decide which experts
+    run; their weights are the unbiased gate probabilities. A group scores the sum
+    of its two best biased probabilities.
+    """
+    k = a.n_expert_used
+    if bias is None and a.n_group <= 1:
+        return base.route_topk(logits, k, a.gating, a.expert_weights_norm, a.expert_weights_scale)
+    probs = softmax(logits) if a.gating == "softmax" else sigmoid(logits)
+    sel = probs if bias is None else probs + bias
+    if a.n_group > 1:
+        n_tok = sel.shape[0]
+        groups = sel.reshape(n_tok, a.n_group, -1)                          # f32[n_tok, n_group, per_group]
+        score = -np.sort(-groups, axis=-1)[..., :2].sum(axis=-1)             # f32[n_tok, n_group]
+        keep = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
+        masked = np.full_like(groups, -np.inf)
+        rows = np.arange(n_tok)[:, None]
+        masked[rows, keep] = groups[rows, keep]
+        sel = masked.reshape(n_tok, -1)
+    ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    w = np.take_along_axis(probs, ids, axis=-1)
+    if a.expert_weights_norm:
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+    if a.expert_weights_scale not in (0.0, 1.0):
+        w = w * np.float32(a.expert_weights_scale)
+    return ids, w.astype(np.float32)
+
+
+class Block(base.Block):
+    required = ("attn_norm", "attn_kv_a_mqa", "attn_kv_a_norm", "attn_output", "ffn_norm")
+
+    def __init__(self, args: ModelArgs, w, il: int, store):
+        super().__init__(args, w, il, store)
+        need = ["attn_k_b", "attn_v_b"] if args.mla else ["attn_kv_b"]
+        need += ["attn_q_a", "attn_q_a_norm", "attn_q_b"] if args.q_lora_rank else ["attn_q"]
+        missing = [n for n in need if not hasattr(w, n)]
+        if missing:
+            form = ("MLA (attention.key_length_mla is set)" if args.mla
+                    else "legacy MHA (no attention.key_length_mla)")
+            raise GGUFFormatError(f"deepseek2 block {il}: the metadata says {form} but tensors "
+                                  f"{', '.join(f'blk.{il}.{n}.weight' for n in missing)} are missing")
+
+    def query(self, x: np.ndarray) -> np.ndarray:  # f32[n_tok, n_embd] -> f32[n_tok, n_head, head_dim_qk]
+        a, w = self.args, self.w
+        if a.q_lora_rank:
+            q = w.attn_q_b(rms_norm(w.attn_q_a(x), w.attn_q_a_norm, a.norm_eps))
+        else:
+            q = w.attn_q(x)
+        return q.reshape(x.shape[0], a.n_head, a.head_dim_qk)
+
+    def attention(self, x, cache, cos, sin):
+        a, w = self.args, self.w
+        r, nope = a.kv_lora_rank, a.head_dim_qk - a.n_rot
+        q = self.query(x)
+        apply_rope(q[..., nope:], cos, sin, a.rope.neox)
+        kv = w.attn_kv_a_mqa(x)                                              # f32[n_tok, r + n_rot]
+        latent = rms_norm(kv[:, :r], w.attn_kv_a_norm, a.norm_eps)           # f32[n_tok, r]
+        k_pe = kv[:, None, r:].copy()                                        # f32[n_tok, 1, n_rot]
+        apply_rope(k_pe, cos, sin, a.rope.neox)
+        if a.mla:
+            o = self._latent_attention(q, latent, k_pe, cache)
+        else:
+            o = self._mha(q, latent, k_pe, cache)
+        return w.attn_output(o)
+
+    def _latent_attention(self, q, latent, k_pe, cache):
+        """MQA over the cached latent: q_nope absorbs attn_k_b, attn_v_b decompresses per head."""
+        a, w = self.args, self.w
+        n_tok, r, nope = q.shape[0], a.kv_lora_rank, a.head_dim_qk - a.n_rot
+        q_lat = np.empty((n_tok, a.n_head, r + a.n_rot), np.float32)       # f32[n_tok, n_head, r + n_rot]
+        for h in range(a.n_head):
+            q_lat[:, h, :r] = w.attn_k_b.stacked(h)(q[:, h, :nope])
+        q_lat[:, :, r:] = q[:, :, nope:]
+        k = np.concatenate([latent[:, None, :], k_pe], axis=-1)            # f32[n_tok, 1, r + n_rot]
+        cache.store(self.il, k, k[..., :0])                                  # V is a view of K: none stored
+        kc = cache.k[self.il]
+        o = attention(q_lat, kc, kc[..., :r], cache.n_past, a.kq_scale).reshape(n_tok, a.n_head, r)
+        out = np.empty((n_tok, a.n_head, a.head_dim_v_mla), np.float32)
+        for h in range(a.n_head):
+            out[:, h] = w.attn_v_b.stacked(h)(o[:, h])
+        return out.reshape(n_tok, -1)
+
+    def _mha(self, q, latent, k_pe, cache):
+        """Legacy attn_kv_b files: decompress K/V for every head, cache them, plain MHA."""
+        a = self.args
+        n_tok, nope = q.shape[0], a.head_dim_qk - a.n_rot
+        kv = self.w.attn_kv_b(latent).reshape(n_tok, a.n_head, nope + a.head_dim_v_mla)
+        k = np.concatenate([kv[..., :nope], np.broadcast_to(k_pe, (n_tok, a.n_head, a.n_rot))], axis=-1)
+        cache.store(self.il, k, kv[..., nope:])
+        return attention(q, cache.k[self.il], cache.v[self.il], cache.n_past, a.kq_scale)
+
+    def ffn(self, x):
+        a, w = self.args, self.w
+        if self.il < a.n_layer_dense_lead:
+            return swiglu_ffn(x, w.ffn_gate, w.ffn_up, w.ffn_down)
+        ids, wts = route(w.ffn_gate_inp(x), getattr(w, "exp_probs_b", None), a)
+        out = moe_ffn(self.store, self.il, x, ids, wts)
+        return out + swiglu_ffn(x, w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp)
