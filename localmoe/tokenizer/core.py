@@ -263,7 +263,7 @@ class Tokenizer:
                 raise UnsupportedError("this vocabulary asks for a BOS token but has none")
             out.append(self.bos_id)
         prev_special = True  # SPM: a space prefix goes on text that starts or follows a special token
-        for frag in self._partition(text, special):
+        for frag in self.partition(text, special):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True
@@ -278,7 +278,11 @@ class Tokenizer:
             out.append(self.eos_id)
         return out
 
-    def _partition(self, text: str, special: bool) -> list:
+    def special_token_texts(self, special: bool) -> list[str]:
+        """Texts that partition() cuts out as tokens: control ones too when `special`."""
+        return [t for _, t, _ in self._special_texts[special]]
+
+    def partition(self, text: str, special: bool) -> list:
         """tokenizer_st_partition: cut special-token text out of `text`, longest token first.
 
         Control and unknown tokens only when `special`; user-defined ones always.
