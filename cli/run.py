@@ -1,6 +1,8 @@
 """`localmoe run MODEL -p TEXT`: stream a completion to stdout, speeds to stderr."""
 import click
 
+from .plan import offload_kwargs, offload_options, report_stats
+
 
 @click.command("run")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
@@ -19,11 +21,14 @@ import click
 @click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=1),
               help="Context length (default: min(training context, 4096)).")
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+@offload_options
 def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
-            n_expert_used, n_ctx, stop):
+            n_expert_used, n_ctx, stop, ram_budget, cache_policy, expert_profile, no_prefetch, show_stats,
+            stats_out):
     """Generate text from MODEL, streaming tokens as they come."""
     from localmoe.model import load
-    m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used)
+    m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used,
+             **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch))
     for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop)):
         click.echo(piece, nl=False)
@@ -31,6 +36,8 @@ def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
     t = m.timings
     click.echo(f"prompt: {t.n_prompt} tokens, {_rate(t.n_prompt, t.t_prompt)} | "
                f"decode: {t.n_decode} tokens, {_rate(t.n_decode, t.t_decode)}", err=True)
+    report_stats(m, show_stats, stats_out)
+    m.store.close()
 
 
 def _rate(n: int, secs: float) -> str:

@@ -1,9 +1,11 @@
 """ExpertStore: where "expert e of layer l" lives, and who asks for it.
 
-Today experts are zero-copy views into the memory-mapped GGUF stacks
-(`ffn_{gate,up,down}_exps`, shape (n_expert, out, in)). The memory planner
-(a later issue) plugs in here: it can move experts between tiers and uses the
-selection stats (`note_selected`) to decide what to keep hot or prefetch.
+`ExpertStore` is both the interface the MoE compute talks to and the resident
+implementation: every expert is a zero-copy view into the memory-mapped GGUF
+stacks (`ffn_{gate,up,down}_exps`, shape (n_expert, out, in)). The memory
+planner's `localmoe.planner.OffloadedExpertStore` overrides `expert` with a
+budgeted cache that streams the rest from disk; both hand the same bytes to
+the same kernels, so the logits are identical.
 """
 from __future__ import annotations
 
@@ -18,21 +20,37 @@ class ExpertStore:
         self.counts = np.zeros((n_layer, n_expert), np.int64)  # i64[n_layer, n_expert]: tokens routed
 
     @classmethod
-    def from_blocks(cls, blocks, n_expert: int) -> "ExpertStore":
+    def from_blocks(cls, blocks, n_expert: int, **kw) -> "ExpertStore":
         stacks = {(il, name): t for il, b in enumerate(blocks)
-                  for name, t in vars(b).items() if name.endswith("_exps")}
-        return cls(stacks, len(blocks), n_expert)
+                  for name, t in vars(b).items() if name.endswith("_exps") and isinstance(t, Linear)}
+        return cls(stacks, len(blocks), n_expert, **kw)
 
     def has(self, layer: int, name: str) -> bool:
         return (layer, name) in self._stacks
 
     def expert(self, layer: int, name: str, e: int) -> Linear:
-        """Expert e's (out, in) matrix of stack `name` in `layer`."""
+        """Expert e's (out, in) matrix of stack `name` in `layer`. Callers finish computing
+        with one expert before asking for the next (moe_ffn does): a cache may reuse its slot."""
         return self._stacks[layer, name].stacked(int(e))
+
+    def resident_stack(self, layer: int, name: str) -> Linear | None:
+        """The whole (n_expert, out, in) stack when all its experts are in memory, else None
+        (callers then go through `expert`); lets decode run several experts in one call."""
+        return self._stacks.get((layer, name))
 
     def note_selected(self, layer: int, expert_ids: np.ndarray) -> None:
         """expert_ids i32[n_tok, k]: the router's picks for this layer's tokens."""
         np.add.at(self.counts[layer], expert_ids.reshape(-1), 1)
 
+    def before_block(self, layer: int, x: np.ndarray) -> None:
+        """Hook: block `layer` is about to run on the residual stream x f32[n_tok, n_embd]."""
+
+    def stats(self) -> dict:
+        """JSON-ready statistics; localmoe.planner.stats formats and saves them."""
+        return {"counts": self.counts.tolist()}
+
     def reset_stats(self) -> None:
         self.counts[:] = 0
+
+    def close(self) -> None:
+        """Release threads and files (nothing to do for the mapped store)."""

@@ -34,3 +34,9 @@ class KVCache:
 
     def reset(self) -> None:
         self.n_past = 0
+
+    def truncate(self, n: int) -> None:
+        """Forget positions n.. (a chat turn that diverges from the cached tokens there)."""
+        if not 0 <= n <= self.n_past:
+            raise ValueError(f"cannot truncate a cache of {self.n_past} tokens to {n}")
+        self.n_past = n

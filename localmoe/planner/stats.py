@@ -1,0 +1,74 @@
+"""Expert statistics: what `--stats` prints and `--stats-out` saves; a saved
+file is also a profile that warm-starts the cache (`--expert-profile`)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from localmoe.errors import LocalMoEError
+
+from .budget import format_size
+
+VERSION = 1
+
+
+def save_stats(path, stats: dict) -> None:
+    """Write stats as JSON atomically: a reader sees the old file or the new one, never half."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".stats-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": VERSION, **stats}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_profile(path, n_layer: int, n_expert: int) -> np.ndarray:
+    """i64[n_layer, n_expert] hit counts from a stats file saved for this model."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LocalMoEError(f"expert profile {path}: cannot read it as JSON: {e}") from None
+    counts = d.get("counts") if isinstance(d, dict) else None
+    try:
+        c = np.asarray(counts, np.int64)
+    except (TypeError, ValueError):
+        c = None
+    if c is None or c.shape != (n_layer, n_expert) or (c < 0).any():
+        shape = None if c is None else c.shape
+        raise LocalMoEError(f"expert profile {path}: 'counts' must be {n_layer} x {n_expert} non-negative "
+                            f"integers for this model, got shape {shape}")
+    return c
+
+
+def format_stats(stats: dict) -> str:
+    """Human-readable lines for --stats."""
+    counts = np.asarray(stats["counts"], np.int64)
+    lines = ["expert statistics (tokens routed per expert; top 4 per layer):"]
+    for il, row in enumerate(counts):
+        if row.sum() == 0:
+            continue
+        top = np.argsort(-row, kind="stable")[:4]
+        share = ", ".join(f"e{e}: {row[e]} ({row[e] / row.sum():.0%})" for e in top)
+        lines.append(f"  layer {il}: {share}")
+    cache = stats.get("cache")
+    if cache:
+        lines.append(f"cache ({cache['policy']}): hit rate {_pct(cache['hit_rate'])} over "
+                     f"{cache['selections']} expert selections, {cache['demand_loads']} demand loads, "
+                     f"{cache['prefetch_loads']} prefetch loads")
+        lines.append(f"prefetch prediction accuracy: {_pct(cache['prefetch_accuracy'])} "
+                     f"({cache['predicted_correct']}/{cache['predicted_total']})")
+        lines.append(f"disk: {format_size(cache['bytes_read'])} of experts read")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
