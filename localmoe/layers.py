@@ -11,9 +11,10 @@ F32 = np.float32
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    """x f32[..., n] -> f32[..., n]; the sum of squares in float64 like ggml."""
-    ms = np.einsum("...i,...i->...", x, x, dtype=np.float64) / x.shape[-1]
-    scale = (F32(1.0) / np.sqrt((ms + eps).astype(F32))).astype(F32)
+    """x f32[..., n] -> f32[..., n], rounded like ggml_compute_forward_rms_norm_f32:
+    float32 squares summed in float64, the mean cast to float32, eps added in float32."""
+    mean = ((x * x).sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)
+    scale = F32(1.0) / np.sqrt(mean + F32(eps))
     y = x * scale[..., None]
     return y if w is None else y * w
 
@@ -49,95 +50,230 @@ class Rope:
     n_ctx_orig: int = 0
 
     def tables(self, n_pos: int, freq_factors: np.ndarray | None = None):
-        """(cos, sin) f32[n_pos, n_rot/2], computed the way ggml_rope_cache_init does."""
+        """(cos, sin) f32[n_pos, n_rot/2], bit-identical to ggml_rope_cache_init's."""
         half = self.n_rot // 2
-        theta_scale = F32(self.freq_base) ** F32(-2.0 / self.n_rot)
-        # ggml multiplies theta up one pair at a time in float32; keep that rounding
-        theta = np.empty((n_pos, half), F32)
-        theta[:, 0] = np.arange(n_pos, dtype=F32)
-        for i in range(1, half):
-            theta[:, i] = theta[:, i - 1] * theta_scale
-        if freq_factors is not None:
-            theta = theta / freq_factors.astype(F32)
-        interp = F32(self.freq_scale) * theta
-        mscale = F32(self.attn_factor)
-        if self.ext_factor != 0.0:
-            lo, hi = self._corr_dims()
-            y = (np.arange(half, dtype=F32) - F32(lo)) / F32(max(0.001, hi - lo))
-            ramp = (F32(1) - np.clip(y, 0, 1)) * F32(self.ext_factor)
-            theta = interp * (F32(1) - ramp) + theta * ramp
-            mscale = F32(mscale * F32(1.0 + 0.1 * math.log(1.0 / self.freq_scale)))
-        else:
-            theta = interp
-        t64 = theta.astype(np.float64)
-        return (np.cos(t64).astype(F32) * mscale, np.sin(t64).astype(F32) * mscale)
+        ff = np.ones(half, F32) if freq_factors is None else np.ascontiguousarray(freq_factors, F32)
+        lo, hi = _corr_dims(self.n_rot, self.n_ctx_orig, F32(self.freq_base), F32(self.beta_fast),
+                            F32(self.beta_slow)) if self.ext_factor != 0.0 else (F32(0), F32(0))
+        cos, sin = np.empty((n_pos, half), F32), np.empty((n_pos, half), F32)
+        _rope_cache(cos, sin, ff, F32(self.freq_base), F32(self.freq_scale), F32(self.ext_factor),
+                    F32(self.attn_factor), F32(lo), F32(hi))  # numba hands lo, hi back as float64
+        return cos, sin
 
-    def _corr_dims(self) -> tuple[float, float]:
-        def dim(n_rot_beta):
-            return self.n_rot * math.log(self.n_ctx_orig / (n_rot_beta * 2 * math.pi)) / (2 * math.log(self.freq_base))
-        return max(0.0, math.floor(dim(self.beta_fast))), min(self.n_rot - 1.0, math.ceil(dim(self.beta_slow)))
+
+@njit(cache=True, nogil=True)
+def _fma(a, b, c):  # float32 fused multiply-add: the product is exact in float64, one rounding (rare double-rounding aside)
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(cache=True, nogil=True)
+def _corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):  # -> (low, high) f32, ggml_rope_yarn_corr_dims
+    two_pi = np.float32(2) * np.float32(math.pi)
+    den = np.float32(2) * math.log(base)
+    lo = math.floor(np.float32(n_dims) * math.log(np.float32(n_ctx_orig) / (beta_fast * two_pi)) / den)
+    hi = math.ceil(np.float32(n_dims) * math.log(np.float32(n_ctx_orig) / (beta_slow * two_pi)) / den)
+    return np.float32(max(np.float32(0), lo)), np.float32(min(np.float32(n_dims - 1), hi))
+
+
+@njit(cache=True, nogil=True)
+def _rope_cache(cos, sin, ff, base, freq_scale, ext_factor, attn_factor, lo, hi):  # cos/sin f32[n_pos, half], ff f32[half]
+    """ggml_rope_cache_init + rope_yarn in float32 with libm cosf/sinf/powf/logf (numba's
+    float32 math calls them) and the FMAs gcc contracts ggml's expressions into."""
+    n_pos, half = cos.shape
+    theta_scale = math.pow(base, np.float32(-2.0) / np.float32(2 * half))
+    mscale = attn_factor
+    if ext_factor != 0:
+        mscale = mscale * _fma(np.float32(0.1), math.log(np.float32(1) / freq_scale), np.float32(1))
+    for p in range(n_pos):
+        theta = np.float32(p)
+        for i in range(half):
+            t_extrap = theta / ff[i]
+            t = freq_scale * t_extrap
+            if ext_factor != 0:
+                y = (np.float32(i) - lo) / max(np.float32(0.001), hi - lo)
+                mix = (np.float32(1) - min(np.float32(1), max(np.float32(0), y))) * ext_factor
+                t = _fma(t, np.float32(1) - mix, t_extrap * mix)
+            cos[p, i] = math.cos(t) * mscale
+            sin[p, i] = math.sin(t) * mscale
+            theta = theta * theta_scale
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
-    """In place. x f32[n_tok, n_heads, head_dim]; cos/sin f32[n_tok, n_rot/2] rows for x's positions."""
+    """In place. x f32[n_tok, n_heads, head_dim]; cos/sin f32[n_tok, n_rot/2] rows for x's positions.
+    Rounded like ggml's compiled rotate_pairs: x0*c - x1*s as fma(x0, c, -(x1*s))."""
     half = cos.shape[1]
     if neox:
         a, b = x[..., :half], x[..., half:2 * half]
     else:
         a, b = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
-    c, s = cos[:, None, :], sin[:, None, :]
-    a0 = a.copy()
-    a[...] = a0 * c - b * s
-    b[...] = a0 * s + b * c
+    c, s = cos[:, None, :].astype(np.float64), sin[:, None, :].astype(np.float64)
+    a0, b0 = a.astype(np.float64), b.astype(np.float64)
+    a[...] = a0 * c - (b0 * s).astype(F32)
+    b[...] = a0 * s + (b0 * c).astype(F32)
 
 
 def round_f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(F32)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def attn_probs(p, q, k, pos0, scale):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k f32[n_kv, n_head_kv, hd]
-    """Causal softmax(scale * K·q) per (token, head) like ggml_soft_max_ext: max-shifted
-    exp, sum in float64; masked (future) positions get 0."""
+@njit(cache=True, nogil=True)
+def matvec_f32_vec_dot(out, x, w):  # out f32[n_rows], x f32[n], w f32[n_rows, n]
+    """W x in ggml_vec_dot_f32's (AVX-512) order, which llama.cpp uses for F32 weights when one
+    token is multiplied (batches go through llamafile sgemm): four 16-lane fma accumulators
+    over 64-wide steps, summed (0+2)+(1+3), then _reduce16; leftovers added in float32."""
+    n = x.size
+    n64 = n & ~63
+    acc = np.empty((4, 16), np.float32)
+    for r in range(w.shape[0]):
+        acc[:] = 0
+        for i in range(0, n64, 64):
+            for j in range(4):
+                for l in range(16):
+                    acc[j, l] = _fma(x[i + 16 * j + l], w[r, i + 16 * j + l], acc[j, l])
+        _fold4(acc)
+        s = _reduce16(acc[0])
+        for i in range(n64, n):
+            s += x[i] * w[r, i]
+        out[r] = s
+
+
+# ggml_v_expf (AVX-512 build) constants
+_EXP_SHIFT, _LOG2E = F32(float.fromhex("0x1.8p23")), F32(float.fromhex("0x1.715476p+0"))
+_LN2_HI, _LN2_LO = F32(float.fromhex("0x1.62e4p-1")), F32(float.fromhex("0x1.7f7d1cp-20"))
+_EXP_C = tuple(F32(float.fromhex(h)) for h in ("0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3",
+                                               "0x1.573e2ep-5", "0x1.0e4020p-7"))
+
+
+@njit(inline="always")
+def _v_expf(x):  # f32 -> f32, ggml_v_expf's polynomial (soft_max uses it, not libm expf)
+    z = _fma(x, _LOG2E, _EXP_SHIFT)
+    n = z - _EXP_SHIFT
+    if not abs(n) <= np.float32(192):
+        return np.float32(0) if n <= 0 else np.float32(np.inf)
+    b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
+    u = b * b
+    c1, c2, c3, c4, c5 = _EXP_C
+    j = _fma(_fma(_fma(c5, b, c4), u, _fma(c3, b, c2)), u, _fma(c1, b, np.float32(1)))
+    return np.float32(math.ldexp(np.float64(j), int(n)))
+
+
+@njit(inline="always")
+def _reduce16(a):  # f32[16] -> f32 in gcc's _mm512_reduce_add_ps order (halves, then quarters, ...)
+    t0 = (a[12] + a[4]) + (a[8] + a[0])
+    t1 = (a[13] + a[5]) + (a[9] + a[1])
+    t2 = (a[14] + a[6]) + (a[10] + a[2])
+    t3 = (a[15] + a[7]) + (a[11] + a[3])
+    return (t0 + t2) + (t1 + t3)
+
+
+@njit(inline="always")
+def _fold4(acc):  # acc f32[4, 16] -> acc[0] = (acc0 + acc2) + (acc1 + acc3), ggml's GGML_F32x16_REDUCE
+    for l in range(16):
+        acc[0, l] = (acc[0, l] + acc[2, l]) + (acc[1, l] + acc[3, l])
+
+
+@njit(inline="always")
+def _dot_f16(a, b, acc, one_tok):  # a, b f32[n] holding fp16 values; acc f32[4, 16] scratch
+    """a·b as llama.cpp's f16 mul_mat computes it. Products of fp16 values are exact in f32,
+    so fma == multiply-add and only the summation order matters: batches (n % 16 == 0) go
+    through llamafile sgemm, 16 lanes then _reduce16; one token (sgemm needs two) through
+    ggml_vec_dot_f16: four 16-lane accumulators over 64-wide steps, leftovers in float64."""
+    n = a.size
+    acc[:] = 0
+    if not one_tok and n % 16 == 0:
+        for d in range(n):
+            acc[0, d & 15] += a[d] * b[d]
+        return _reduce16(acc[0])
+    n64 = n & ~63
+    for d in range(n64):
+        acc[(d >> 4) & 3, d & 15] += a[d] * b[d]
+    _fold4(acc)
+    s = np.float64(_reduce16(acc[0]))
+    for d in range(n64, n):
+        s += np.float64(a[d] * b[d])
+    return np.float32(s)
+
+
+@njit(inline="always")
+def _probs_row(p, q, k, pos0, scale, th):
+    """Causal softmax(scale * K·q) of (token, head) th like ggml_soft_max_ext: max-shifted
+    ggml_v_expf over 16-wide chunks, each chunk reduced in float32 then summed in float64;
+    masked (future) positions get 0."""
     n_tok, n_head, hd = q.shape
     g = n_head // k.shape[1]
-    for th in prange(n_tok * n_head):
-        t, h = th // n_head, th % n_head
-        n = pos0 + t + 1
-        row = p[t, h]
-        m = -np.inf
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[t, h, d] * k[j, h // g, d]
-            row[j] = acc * scale
-            m = max(m, row[j])
-        total = 0.0
-        for j in range(n):
-            row[j] = np.exp(row[j] - m)
-            total += row[j]
-        inv = np.float32(1.0 / total)
-        for j in range(n):
-            row[j] *= inv
-        for j in range(n, row.size):
-            row[j] = 0
+    t, h = th // n_head, th % n_head
+    n = pos0 + t + 1
+    row = p[t, h]
+    acc = np.empty((4, 16), np.float32)
+    m = np.float32(-np.inf)
+    for j in range(n):
+        row[j] = _dot_f16(q[t, h], k[j, h // g], acc, n_tok == 1) * scale
+        m = max(m, row[j])
+    total = 0.0
+    lanes = acc[0]
+    for j0 in range(0, n, 16):
+        for l in range(16):
+            j = j0 + l
+            lanes[l] = 0
+            if j < n:
+                row[j] = _v_expf(row[j] - m)
+                lanes[l] = row[j]
+        total += _reduce16(lanes)
+    inv = np.float32(1.0 / total)
+    for j in range(n):
+        row[j] *= inv
+    for j in range(n, row.size):
+        row[j] = 0
+
+
+@njit(inline="always")
+def _values_row(out, p, v, th):
+    """out = p · V summed over positions in _dot_f16's orders (llama.cpp pads n_kv to a multiple
+    of 256: no leftovers; the positions past ours hold exact zeros)."""
+    n_tok, n_head, n_kv = p.shape
+    g = n_head // v.shape[1]
+    t, h = th // n_head, th % n_head
+    o = out[t, h]
+    acc = np.zeros((o.size, 4, 16), np.float32)
+    quad = 3 if n_tok == 1 else 0  # ggml_vec_dot_f16's four accumulators, or sgemm's one
+    for j in range(n_kv):
+        w = p[t, h, j]
+        if w != 0:  # masked positions add exact zeros
+            vj = v[j, h // g]
+            for d in range(o.size):
+                acc[d, (j >> 4) & quad, j & 15] += w * vj[d]
+    for d in range(o.size):
+        _fold4(acc[d])
+        o[d] = _reduce16(acc[d, 0])
+
+
+# Parallel over (token, head), and the same loops on one thread for small work
+# (a decode step at short context), where the fork/join would cost more.
+@njit(cache=True, nogil=True, parallel=True)
+def attn_probs(p, q, k, pos0, scale):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k f32[n_kv, n_head_kv, hd]
+    for th in prange(q.shape[0] * q.shape[1]):
+        _probs_row(p, q, k, pos0, scale, th)
+
+
+@njit(cache=True, nogil=True)
+def attn_probs_serial(p, q, k, pos0, scale):  # as attn_probs
+    for th in range(q.shape[0] * q.shape[1]):
+        _probs_row(p, q, k, pos0, scale, th)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def attn_values(out, p, v):  # out f32[n_tok, n_head, hd_v], p f32[n_tok, n_head, n_kv], v f32[n_kv, n_head_kv, hd_v]
-    n_tok, n_head, n_kv = p.shape
-    g = n_head // v.shape[1]
-    for th in prange(n_tok * n_head):
-        t, h = th // n_head, th % n_head
-        o = out[t, h]
-        for d in range(o.size):
-            o[d] = 0
-        for j in range(n_kv):
-            w = p[t, h, j]
-            if w != 0:
-                vj = v[j, h // g]
-                for d in range(o.size):
-                    o[d] += w * vj[d]
+    for th in prange(p.shape[0] * p.shape[1]):
+        _values_row(out, p, v, th)
+
+
+@njit(cache=True, nogil=True)
+def attn_values_serial(out, p, v):  # as attn_values
+    for th in range(p.shape[0] * p.shape[1]):
+        _values_row(out, p, v, th)
+
+
+SERIAL_ATTN_MACS = 1 << 17  # below this many multiply-adds (n_tok * n_head * n_kv * hd) attention runs on one thread
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float) -> np.ndarray:
@@ -149,8 +285,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     """
     n_tok, n_head, _ = q.shape
     n_kv = pos0 + n_tok
+    serial = n_tok * n_head * n_kv * q.shape[2] < SERIAL_ATTN_MACS
     p = np.empty((n_tok, n_head, n_kv), F32)                 # f32[n_tok, n_head, n_kv]
-    attn_probs(p, round_f16(q), k_cache[:n_kv].astype(F32), pos0, F32(scale))
+    (attn_probs_serial if serial else attn_probs)(p, round_f16(q), k_cache[:n_kv].astype(F32), pos0, F32(scale))
     out = np.empty((n_tok, n_head, v_cache.shape[2]), F32)   # f32[n_tok, n_head, hd_v]
-    attn_values(out, round_f16(p), v_cache[:n_kv].astype(F32))
+    (attn_values_serial if serial else attn_values)(out, round_f16(p), v_cache[:n_kv].astype(F32))
     return out.reshape(n_tok, -1)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from localmoe.arch import arch_module
-from localmoe.errors import LocalMoEError
+from localmoe.errors import LocalMoEError, UnsupportedError
 from localmoe.experts import ExpertStore
 from localmoe.kv_cache import KVCache
 from localmoe.layers import rms_norm
@@ -29,19 +29,32 @@ class Timings:
 
 
 class Model:
-    def __init__(self, gguf_file, n_ctx: int | None = None, n_expert_used: int | None = None):
+    def __init__(self, gguf_file, n_ctx: int | None = None, n_expert_used: int | None = None,
+                 ram_budget=None, policy: str | None = None, expert_profile=None, prefetch: bool = True):
+        """ram_budget (bytes or "6G"): hold experts in a budgeted cache and stream the rest
+        from disk (localmoe.planner; policy "lru"/"lfu", expert_profile: saved --stats-out JSON,
+        prefetch: guess the next layer's experts and read them on a background thread)."""
         self.file = gguf_file
         mod = arch_module(gguf_file.arch)
         self.args = a = mod.ModelArgs.from_gguf(gguf_file, n_expert_used)
-        top, blocks = load_tensors(gguf_file)
-        self.token_embd = top.token_embd
-        self.output_norm = top.output_norm
-        self.output = getattr(top, "output", top.token_embd)  # tied embeddings when absent
-        self.store = ExpertStore.from_blocks(blocks, a.n_expert)
-        self.blocks = [mod.Block(a, w, il, self.store) for il, w in enumerate(blocks)]
         self.n_ctx = int(min(a.n_ctx_train, DEFAULT_MAX_CTX) if n_ctx is None else n_ctx)
         if self.n_ctx < 1:
             raise LocalMoEError(f"n_ctx must be >= 1, got {n_ctx}")
+        self.plan = None
+        if ram_budget is None:
+            if policy is not None or expert_profile is not None or not prefetch:
+                raise LocalMoEError("cache policy, expert profile and prefetch options need a RAM budget "
+                                    "(ram_budget=... / --ram-budget)")
+            top, blocks = load_tensors(gguf_file)
+            self.store = ExpertStore.from_blocks(blocks, a.n_expert)
+        else:
+            from localmoe.planner import DEFAULT_POLICY, offload
+            self.plan, top, blocks, self.store = offload(gguf_file, a, self.n_ctx, ram_budget,
+                                                         policy or DEFAULT_POLICY, expert_profile, prefetch)
+        self.token_embd = top.token_embd
+        self.output_norm = top.output_norm
+        self.output = getattr(top, "output", top.token_embd)  # tied embeddings when absent
+        self.blocks = [mod.Block(a, w, il, self.store) for il, w in enumerate(blocks)]
         self.cache = KVCache(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim_k, a.head_dim_v)
         self.cos, self.sin = a.rope.tables(self.n_ctx,
                                            getattr(top, "rope_freqs", None))  # f32[n_ctx, n_rot/2] each
@@ -79,6 +92,7 @@ class Model:
         cos, sin = self.cos[p0:p0 + ids.size], self.sin[p0:p0 + ids.size]
         x = self.token_embd.get_rows(ids)  # f32[n_tok, n_embd]
         for blk in self.blocks:
+            self.store.before_block(blk.il, x)
             x = blk(x, self.cache, cos, sin)
         self.cache.advance(ids.size)
         return x
@@ -90,6 +104,17 @@ class Model:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def set_expert_used(self, k: int) -> None:
+        """Change the active experts per token without reloading (as load(n_expert_used=k));
+        resets the cache, whose entries were computed with the old count."""
+        if not 1 <= k <= self.args.n_expert:
+            raise UnsupportedError(f"n_expert_used={k}: this model has {self.args.n_expert} experts "
+                                   f"(use 1..{self.args.n_expert})")
+        self.args = replace(self.args, n_expert_used=int(k))
+        for blk in self.blocks:
+            blk.args = self.args
+        self.reset()
 
     def generate_tokens(self, prompt_tokens: Sequence[int], max_tokens: int = 128,
                         **sampling) -> Iterator[int]:
@@ -162,13 +187,18 @@ class Model:
 def load(path, n_threads: int | None = None, n_ctx: int | None = None,
          n_expert_used: int | None = None, **planner_opts) -> Model:
     """Open a GGUF MoE model. n_expert_used overrides {arch}.expert_used_count like
-    llama.cpp's --override-kv; n_threads sets numba's thread count."""
+    llama.cpp's --override-kv; n_threads sets numba's thread count. planner_opts:
+    ram_budget, policy, expert_profile, prefetch (see Model; localmoe.planner)."""
     from localmoe.gguf_file import open_gguf
-    if planner_opts:
-        raise LocalMoEError(f"unknown load options: {', '.join(sorted(planner_opts))}")
+    unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch"}
+    if unknown:
+        raise LocalMoEError(f"unknown load options: {', '.join(sorted(unknown))}")
+    if planner_opts.get("ram_budget") is not None:
+        from localmoe.planner import prefer_passive_omp
+        prefer_passive_omp()  # before numba's thread pool starts
     if n_threads is not None:
         import numba
         if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
             raise LocalMoEError(f"n_threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {n_threads}")
         numba.set_num_threads(int(n_threads))
-    return Model(open_gguf(path), n_ctx=n_ctx, n_expert_used=n_expert_used)
+    return Model(open_gguf(path), n_ctx=n_ctx, n_expert_used=n_expert_used, **planner_opts)

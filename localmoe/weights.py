@@ -1,9 +1,9 @@
 """Weight tensors as raw GGUF bytes + qtype; all math goes through localmoe.quant.
 
 A `Linear` is a 2-D weight (rows, cols) or a stack of them (n, rows, cols),
-numpy order (GGUF ne reversed). Model code calls `matmul_into`/`matvec_into`
-and never looks at the block bytes. `LayerWeights` exposes a block's tensors
-under their GGUF names (`blk.3.attn_q.weight` -> `layer.attn_q`, its
+numpy order (GGUF ne reversed). Model code calls it (or `matmul_into`) on x or on
+an `Activation` (x converted once for several weights) and never looks at the block
+bytes. `LayerWeights` exposes a block's tensors under their GGUF names (`blk.3.attn_q.weight` -> `layer.attn_q`, its
 `.bias` -> `layer.attn_q.bias`), so loading needs no mapping tables.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
-from localmoe.quant import quant_type
+from localmoe.quant import QuantType, quant_type
 
 
 class Linear:
@@ -54,22 +54,17 @@ class Linear:
         sub.shape, sub.rows, sub.bias = self.shape[1:], self.rows[e], None
         return sub
 
-    def matvec_into(self, out: np.ndarray, x: np.ndarray) -> None:  # out f32[n_out], x f32[n_in]
-        self.qt.matvec_into(out, x, self.rows)
+    def matmul_into(self, out: np.ndarray, x) -> None:  # out f32[n_tok, n_out], x f32[n_tok, n_in] or its Activation
+        act = x.prepared(self.qt) if isinstance(x, Activation) else self.qt.prepare(x)
+        self.qt.matmul_prepared_into(out, act, self.rows)
         if self.bias is not None:
             out += self.bias
 
-    def matmul_into(self, out: np.ndarray, x: np.ndarray) -> None:  # out f32[n_tok, n_out], x f32[n_tok, n_in]
-        if x.shape[0] == 1:
-            self.matvec_into(out[0], x[0])
-            return
-        self.qt.matmul_into(out, x, self.rows)
-        if self.bias is not None:
-            out += self.bias
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:  # f32[n_tok, n_in] -> f32[n_tok, n_out]
+    def __call__(self, x) -> np.ndarray:  # f32[n_tok, n_in] or its Activation -> f32[n_tok, n_out]
+        if not isinstance(x, Activation):
+            x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.n_out), np.float32)
-        self.matmul_into(out, np.ascontiguousarray(x, dtype=np.float32))
+        self.matmul_into(out, x)
         return out
 
     def get_rows(self, ids) -> np.ndarray:  # f32[len(ids), n_in]: embedding lookup
@@ -86,6 +81,30 @@ class Linear:
 
     def __repr__(self) -> str:
         return f"<Linear {self.name} {self.qtype.name} {self.shape}>"
+
+
+class Activation:
+    """x f32[n_tok, n_in] and its conversions to the weights' vec_dot formats (QuantType.prepare),
+    each made on first use: weights that read the same x (q/k/v, every expert's gate and up)
+    share one conversion. `take_rows` gives the rows one expert sees, converted as slices of
+    the whole batch's conversion (it is row by row, so identical to converting the rows)."""
+
+    def __init__(self, x: np.ndarray, parent: "Activation | None" = None, rows=None):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.shape = self.x.shape
+        self._parent, self._rows = parent, rows
+        self._prepared = {}  # act_format -> prepared x
+
+    def prepared(self, qt: QuantType):
+        act = self._prepared.get(qt.act_format)
+        if act is None:
+            act = (qt.prepare(self.x) if self._parent is None
+                   else qt.take_rows(self._parent.prepared(qt), self._rows))
+            self._prepared[qt.act_format] = act
+        return act
+
+    def take_rows(self, rows) -> "Activation":
+        return Activation(self.x[rows], self, rows)
 
 
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?([A-Za-z0-9_]+)\.(weight|bias)$")

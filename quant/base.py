@@ -22,7 +22,7 @@ _REGISTRY: dict[T, "QuantType"] = {}
 
 
 class QuantType:
-    """Subclasses set `qtype` and implement the three kernels below."""
+    """Subclasses set `qtype` and `act_format` and implement dequantize_into, prepare and matmul_prepared_into."""
 
     qtype: T
     block_size: int  # elements per block
@@ -41,13 +41,42 @@ class QuantType:
     def dequantize_into(self, out: np.ndarray, w: np.ndarray) -> None:
         raise NotImplementedError
 
+    # --- products: x is converted once to this type's vec_dot format ----------
+    # `prepare` does the conversion (Q8_K, Q8_0/1, fp16 rounding, ...); the result
+    # feeds any number of weights with n_cols columns, so MoE and q/k/v code
+    # convert each activation once. Types sharing an `act_format` accept each
+    # other's prepared activations. matvec is the n_tok == 1 case.
+    act_format: str
+
+    # x: f32[n_tok, n_cols] (C-contiguous) -> prepared activation (arrays with a leading n_tok axis)
+    def prepare(self, x: np.ndarray):
+        raise NotImplementedError
+
+    # out: f32[n_tok, n_rows]   act: prepare(x[n_tok, n_cols])   w: u8[n_rows, row_bytes]
+    def matmul_prepared_into(self, out: np.ndarray, act, w: np.ndarray) -> None:
+        raise NotImplementedError
+
+    # out: f32[n_mat, n_sel, n_rows]   stacks: n_mat x u8[n_expert, n_rows, row_bytes]   sel, xrow: i64[n_sel]
+    def matvec_experts_into(self, out: np.ndarray, act, stacks, sel: np.ndarray, xrow: np.ndarray) -> None:
+        """out[m, s] = stacks[m][sel[s]] @ x[xrow[s]]: a MoE decode step's expert matvecs.
+        Types with a fused kernel (Q4_K, Q5_K, Q6_K) run them all in one parallel region,
+        which matters on a busy machine, where every fork/join can wait for a descheduled thread."""
+        for m, w in enumerate(stacks):
+            for s in range(len(sel)):
+                self.matmul_prepared_into(out[m, s][None], self.take_rows(act, slice(xrow[s], xrow[s] + 1)), w[sel[s]])
+
+    @staticmethod
+    def take_rows(act, rows):
+        """The prepared activation of x[rows] (conversion is row by row, so this equals prepare(x[rows]))."""
+        return tuple(a[rows] for a in act) if isinstance(act, tuple) else act[rows]
+
     # out: f32[n_rows]   x: f32[n_cols]   w: u8[n_rows, row_bytes]
     def matvec_into(self, out: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-        raise NotImplementedError
+        self.matmul_prepared_into(out[None, :], self.prepare(x[None, :]), w)
 
     # out: f32[n_tok, n_rows]   x: f32[n_tok, n_cols]   w: u8[n_rows, row_bytes]
     def matmul_into(self, out: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-        raise NotImplementedError
+        self.matmul_prepared_into(out, self.prepare(x), w)
 
     # w: f32[n_rows, n_cols] -> u8[n_rows, row_bytes] (the quantizer issue fills these in)
     def quantize(self, w: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ weight type's "vec_dot_type" and then does integer dot products. We do the
 same, both for speed and so that our rounding matches llama.cpp's.
 """
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 QK_K = 256
 
@@ -67,6 +69,21 @@ def q8_k_buffers(n_tok: int, n: int):
             np.empty((n_tok, n // 16), np.int32))
 
 
+SERIAL_Q8_K = 1 << 14  # activations up to this many elements are quantized on the calling thread
+
+
+def q8_k_activation(x):
+    """x f32[n_tok, n] -> (qs i8[n_tok, n], d f32[n_tok, n//256], bsums i32[n_tok, n//16]).
+    A few rows (decode) skip the parallel region: its fork/join would cost more than the work."""
+    act = q8_k_buffers(*x.shape)
+    if x.size <= SERIAL_Q8_K:
+        for t in range(x.shape[0]):
+            quantize_q8_k(x[t], *(a[t] for a in act))
+    else:
+        quantize_q8_k_rows(x, *act)
+    return act
+
+
 @njit(inline="always")
 def scale_min_k4(j, q, o):
     """The 6-bit (scale, min) pair j of a Q4_K/Q5_K block; q[o:o+12] holds the packed scales."""
@@ -74,3 +91,16 @@ def scale_min_k4(j, q, o):
         return q[o + j] & 63, q[o + j + 4] & 63
     return ((q[o + j + 4] & 0xF) | ((q[o + j - 4] >> 6) << 4),
             (q[o + j + 4] >> 4) | ((q[o + j] >> 6) << 4))
+
+
+@intrinsic
+def take_next(typingctx, counter):
+    """Atomically counter[0] += 1, returning the old value: threads take work items from a
+    shared counter (dynamic scheduling). numba's prange splits the range statically, so on a
+    busy machine the thread that shares its core finishes last and everyone waits for it;
+    taking items one by one, the other thread does more of them."""
+    if isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.ndim == 1:
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            return builder.atomic_rmw("add", arr.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+        return types.int64(counter), codegen

@@ -151,18 +151,26 @@ class _Float(QuantType):
         round_x(x.reshape(-1), out.reshape(-1), int(self.qtype))
         return out
 
+    @property
+    def act_format(self):
+        return self.qtype.name.lower()
+
     def dequantize_into(self, out, w):
         dequantize_float(out, w, int(self.qtype))
 
-    def matvec_into(self, out, x, w):
-        matvec_float(out, self.round_x(x), w, int(self.qtype))
+    def prepare(self, x):
+        """x f32[n_tok, n_cols] -> x rounded to the weight's format, still f32[n_tok, n_cols]."""
+        return self.round_x(x)
+
+    def matmul_prepared_into(self, out, act, w):
+        if out.shape[0] == 1:
+            matvec_float(out[0], act[0], w, int(self.qtype))
+        else:
+            matmul_float(out, act, w, int(self.qtype))
 
     def quantize(self, w):
         from .legacy_quantize import quantize_rows  # it imports this module
         return quantize_rows(self, w)
-
-    def matmul_into(self, out, x, w):
-        matmul_float(out, self.round_x(x), w, int(self.qtype))
 
 
 class F32Type(_Float):

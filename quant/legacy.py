@@ -238,21 +238,25 @@ def dequantize_legacy(out, w, kind):  # out f32[n_rows, n_cols], w u8[n_rows, ro
 
 
 class _Legacy(QuantType):
+    act_format = "q8"  # one Q8 format serves the _0 (Q8_0) and _1 (Q8_1) types, see q8.py
+
     def dequantize_into(self, out, w):
         dequantize_legacy(out, w, int(self.qtype))
 
-    def matvec_into(self, out, x, w):
-        self.matvec_q8(out, *quantize_activations(x), w)
+    def prepare(self, x):
+        """x f32[n_tok, n_cols] -> Q8 blocks (qs i8[n_tok, n_cols], d f32[n_tok, nb], s f32[n_tok, nb])."""
+        return quantize_activations(x)
 
-    def matmul_into(self, out, x, w):
-        acts = quantize_activations(x)
-        self._check(out.shape[1], *acts, w)
-        matmul_q8act(out, *acts, w, int(self.qtype))
+    def matmul_prepared_into(self, out, act, w):
+        self._check(out.shape[1], *act, w)
+        if out.shape[0] == 1:
+            matvec_q8act(out[0], *(a[0] for a in act), w, int(self.qtype))
+        else:
+            matmul_q8act(out, *act, w, int(self.qtype))
 
     def matvec_q8(self, out, qy, dy, sy, w):
-        """matvec on x already quantized by q8.quantize_activations (reuse it across experts)."""
-        self._check(out.size, qy, dy, sy, w)
-        matvec_q8act(out, qy, dy, sy, w, int(self.qtype))
+        """matvec on one row quantized by q8.quantize_activations (earlier entry point, used by tests)."""
+        self.matmul_prepared_into(out[None, :], (qy[None, :], dy[None, :], sy[None, :]), w)
 
     def quantize(self, w):
         from .legacy_quantize import quantize_rows  # kept out of the runtime's import path

@@ -7,13 +7,19 @@ Element 128n + 32j + l takes bits 2j of qs[32n + l] and bit 4n + j of hmask[l].
 """
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .common import QK_K, read_f16
-from .q6_k import (I16, ROW_CHUNK, KQuant, block_decode, block_dot, decode_scratch, f16_at, group_scales,
-                   ws_dot)
+from .q6_k import (I16, I32, ROW_CHUNK, KQuant, Vec, block_decode, c_matrix, decode_scratch, f16_at, group_scales,
+                   row_ptr, splat, vec, ws_dot)
 
 TYPE_SIZE = 110
+# llama.cpp multiplies batches of >= 8 tokens with its "tiled" kernel (ggml-cpu/tiled), whose
+# float steps differ from vec_dot_q3_K_q8_K's; we follow whichever llama.cpp would run
+TILED_MIN_BATCH = 8
 
 
 @njit(inline="always")
@@ -74,7 +80,41 @@ def weights_q3_k(v, wp):
     return chunks
 
 
-dot_q3_k_q8_k = block_dot(weights_q3_k)
+def block_dot_lanes(weights):
+    """Intrinsic dot(w, r, o, qs, t, qo, d, acc): acc f32[8] = fma(d, lanes, acc), lane k the exact
+    int32 sum of weight * q8 over the block's elements e with e % 32 in 4k..4k+3 - the float
+    lanes of ggml's AVX2 vec_dot_q3_K_q8_K (reduced by `hsum_float_8`). Unchecked indices."""
+    @intrinsic
+    def dot(typingctx, w, r, o, qs, t, qo, d, acc):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder)
+            wp, qp = row_ptr(context, builder, sig, args, 0), row_ptr(context, builder, sig, args, 3)
+            acc32 = splat(I32, 32, 0)
+            for i, w16 in enumerate(weights(v, wp)):
+                acc32 = v.dot_acc(acc32, w16, qp, 32 * i, sig.args[3].dtype)
+            lanes = v.shuffle(acc32, acc32, [4 * k for k in range(8)])
+            for m in range(1, 4):
+                lanes = builder.add(lanes, v.shuffle(acc32, acc32, [4 * k + m for k in range(8)]))
+            f8 = vec(ir.FloatType(), 8)
+            dv = builder.insert_element(ir.Constant(f8, ir.Undefined), args[6], ir.Constant(I32, 0))
+            dv = builder.shuffle_vector(dv, dv, ir.Constant(vec(I32, 8), [0] * 8))
+            ap = builder.bitcast(context.make_array(sig.args[7])(context, builder, args[7]).data, f8.as_pointer())
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f8, [f8] * 3), "llvm.fma.v8f32")
+            builder.store(builder.call(fma, [dv, builder.sitofp(lanes, f8), builder.load(ap, align=4)]), ap, align=4)
+            return context.get_dummy_value()
+        if c_matrix(w, qs) and d == types.float32 and isinstance(acc, types.Array) and acc.dtype == types.float32:
+            return types.void(w, r, o, qs, t, qo, d, acc), codegen
+    return dot
+
+
+@njit(inline="always")
+def hsum_float_8(a):  # a f32[8] -> f32, ggml's x86 hsum_float_8 order
+    r0, r1 = a[4] + a[0], a[5] + a[1]
+    r2, r3 = a[6] + a[2], a[7] + a[3]
+    return (r0 + r2) + (r1 + r3)
+
+
+dot_lanes_q3_k_q8_k = block_dot_lanes(weights_q3_k)
 decode_q3_k = block_decode(weights_q3_k)
 
 
@@ -83,19 +123,21 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
     n_tok, n_rows = out.shape
     nb = qs.shape[1] // QK_K
     n_chunks = (n_rows + ROW_CHUNK - 1) // ROW_CHUNK
-    for p in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
-        buf = decode_scratch(n_tok, nb)
+    tiled = n_tok >= TILED_MIN_BATCH
+    for p in prange(n_par):  # one task per thread: the scratch is allocated once per thread
+        buf = decode_scratch(n_tok if tiled else 1, nb)
+        lanes = np.empty(8, np.float32)
         for c in range(p, n_chunks, n_par):
             r0, r1 = c * ROW_CHUNK, min(n_rows, (c + 1) * ROW_CHUNK)
-            if n_tok == 1:  # matvec: fused
-                for r in range(r0, r1):
-                    acc = np.float32(0)
-                    for b in range(nb):
-                        o = b * TYPE_SIZE
-                        isum = dot_q3_k_q8_k(w, r, o, qs, 0, b * QK_K)
-                        acc += (d8[0, b] * f16_at(w, r, o + 108)) * np.float32(isum)
-                    out[0, r] = acc
-            else:  # decode the row chunk once for all tokens (as in q6_k)
+            if not tiled:  # vec_dot_q3_K_q8_K per token, fused: the weights never leave registers
+                for t in range(n_tok):
+                    for r in range(r0, r1):
+                        lanes[:] = 0
+                        for b in range(nb):
+                            o = b * TYPE_SIZE
+                            dot_lanes_q3_k_q8_k(w, r, o, qs, t, b * QK_K, d8[t, b] * f16_at(w, r, o + 108), lanes)
+                        out[t, r] = hsum_float_8(lanes)
+            else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
                     for b in range(nb):
                         decode_q3_k(buf, r - r0, b * QK_K, w, r, b * TYPE_SIZE)
@@ -103,9 +145,8 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
                     for r in range(r0, r1):
                         acc = np.float32(0)
                         for b in range(nb):
-                            o = b * TYPE_SIZE
                             isum = ws_dot(buf, r - r0, b * QK_K, qs, t, b * QK_K)
-                            acc += (d8[t, b] * f16_at(w, r, o + 108)) * np.float32(isum)
+                            acc += (np.float32(isum) * f16_at(w, r, b * TYPE_SIZE + 108)) * d8[t, b]
                         out[t, r] = acc
 
 
@@ -113,3 +154,7 @@ class Q3_K(KQuant):
     qtype = GGMLQuantizationType.Q3_K
     _dequantize = staticmethod(dequantize_q3_k)
     _kernel = staticmethod(matmul_q3_k_q8_k)
+
+    def quantize(self, w):
+        from .kquant_quantize import quantize_rows  # kept out of the runtime's import path
+        return quantize_rows(self, w)

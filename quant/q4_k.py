@@ -7,16 +7,19 @@ sub-block 2g (low nibble) and of sub-block 2g+1 (high nibble).
 Weight = (d * scale_j) * q - dmin * min_j.
 
 Dot products follow ggml's vec_dot_q4_K_q8_K: x is quantized to Q8_K once
-(common.py; `prepare` widens it for these kernels), then per block, in exact int32,
+(common.py; `widen` adapts it for these kernels), then per block, in exact int32,
     sumi = sum_j scale_j * (q_j . x8_j)    summ = sum_j min_j * (sum of x8_j)
 and in float32  y += (x.d * d) * sumi;  ym += (-x.d * dmin) * summ;  y + ym.
 """
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from .base import QuantType
-from .common import F16_TO_F32, QK_K, q8_k_buffers, quantize_q8_k_rows
+from .common import F16_TO_F32, QK_K, q8_k_activation, take_next
+
+ROW_CHUNK = 256  # rows per work item of the matvec kernels: long runs per thread keep prefetchers streaming; even, so pairs stay within one
 
 # The kernels index w[r, o + ...] with o = b * <constant type size>: LLVM then
 # knows every index is non-negative, so numba's negative-index wraparound
@@ -107,16 +110,16 @@ def _summ(sc, bs32, t, k):
 
 
 @njit(inline="always")
-def _row(w, r, xq, d8, bs32, ts, five):
-    """Token 0 of xq dotted with row r: the float32 steps of ggml's vec_dot."""
+def _row(w, r, xq, d8, bs32, ts, five, t=0):
+    """Token t of xq dotted with row r: the float32 steps of ggml's vec_dot."""
     y = np.float32(0.0)
     ym = np.float32(0.0)
     for b in range(d8.shape[1]):
         o = b * ts
         sc = _scales(w, r, o)
-        sumi = _sumi(w, r, o, xq, 0, b * QK_K, sc, five)
-        y += (d8[0, b] * _f16(w, r, o)) * np.float32(sumi)
-        ym += (-d8[0, b] * _f16(w, r, o + 2)) * np.float32(_summ(sc, bs32, 0, b * 8))
+        sumi = _sumi(w, r, o, xq, t, b * QK_K, sc, five)
+        y += (d8[t, b] * _f16(w, r, o)) * np.float32(sumi)
+        ym += (-d8[t, b] * _f16(w, r, o + 2)) * np.float32(_summ(sc, bs32, t, b * 8))
     return y + ym
 
 
@@ -145,26 +148,37 @@ def _row_pair(w, r, xq, d8, bs32, ts, five):
 
 
 def make_kernels(five):
-    """(matvec, matvec_pairs, matmul, dequantize) njit kernels for Q4_K (five=False) or Q5_K.
+    """(matvec, matvec_pairs, matmul, dequantize, matvec_experts) njit kernels for Q4_K (five=False) or Q5_K.
 
     `five` and the block size are closure constants, compiled in."""
     ts = 176 if five else 144
     qo = 48 if five else 16  # offset of qs in the block
 
     @njit(cache=True, nogil=True, parallel=True)
-    def matvec(out, xq, d8, bs32, w):  # out f32[n_rows], xq i16[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]
-        for r in prange(w.shape[0]):
-            out[r] = _row(w, r, xq, d8, bs32, ts, five)
+    def matvec(out, xq, d8, bs32, w, n_par):  # out f32[n_rows], xq i16[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
+        n_rows = w.shape[0]
+        counter = np.zeros(1, np.int64)
+        for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
+            c = take_next(counter)
+            while c * ROW_CHUNK < n_rows:
+                for r in range(c * ROW_CHUNK, min(n_rows, (c + 1) * ROW_CHUNK)):
+                    out[r] = _row(w, r, xq, d8, bs32, ts, five)
+                c = take_next(counter)
 
     @njit(cache=True, nogil=True, parallel=True)
-    def matvec_pairs(out, xq, d8, bs32, w):  # same as matvec, two rows per step
+    def matvec_pairs(out, xq, d8, bs32, w, n_par):  # same as matvec, two rows per step
         n_rows = w.shape[0]
-        for p in prange((n_rows + 1) // 2):
-            r = 2 * p
-            if r + 1 < n_rows:
-                out[r], out[r + 1] = _row_pair(w, r, xq, d8, bs32, ts, five)
-            else:
-                out[r] = _row(w, r, xq, d8, bs32, ts, five)
+        counter = np.zeros(1, np.int64)
+        for _ in prange(n_par):
+            c = take_next(counter)
+            while c * ROW_CHUNK < n_rows:
+                r1 = min(n_rows, (c + 1) * ROW_CHUNK)
+                for r in range(c * ROW_CHUNK, r1, 2):
+                    if r + 1 < r1:
+                        out[r], out[r + 1] = _row_pair(w, r, xq, d8, bs32, ts, five)
+                    else:
+                        out[r] = _row(w, r, xq, d8, bs32, ts, five)
+                c = take_next(counter)
 
     @njit(cache=True, nogil=True, parallel=True)
     def matmul(out, xq, d8, bs32, w):  # out f32[n_tok, n_rows], xq i16[n_tok, n], d8 f32[n_tok, n//256], bs32 i32[n_tok, n//32], w u8[n_rows, row_bytes]
@@ -206,11 +220,27 @@ def make_kernels(five):
                             q |= ((w[r, o + 16 + l] >> j) & 1) << 4
                         out[r, b * QK_K + 32 * j + l] = dl * np.float32(q) - ml
 
-    return matvec, matvec_pairs, matmul, dequantize
+    @njit(cache=True, nogil=True, parallel=True)
+    def matvec_experts(out, xq, d8, bs32, ws, sel, xrow, n_par):  # out f32[n_mat, n_sel, n_rows], xq i16[n_x, n], d8 f32[n_x, n//256], bs32 i32[n_x, n//32], ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
+        # out[m, s] = ws[m][sel[s]] @ x[xrow[s]], every matrix in one parallel region
+        n_mat, n_sel, n_rows = out.shape
+        n_chunks = (n_rows + ROW_CHUNK - 1) // ROW_CHUNK
+        counter = np.zeros(1, np.int64)
+        for _ in prange(n_par):
+            i = take_next(counter)
+            while i < n_mat * n_sel * n_chunks:
+                ms, c = i // n_chunks, i % n_chunks
+                m, s = ms // n_sel, ms % n_sel
+                w = ws[m][sel[s]]
+                for r in range(c * ROW_CHUNK, min(n_rows, (c + 1) * ROW_CHUNK)):
+                    out[m, s, r] = _row(w, r, xq, d8, bs32, ts, five, xrow[s])
+                i = take_next(counter)
+
+    return matvec, matvec_pairs, matmul, dequantize, matvec_experts
 
 
-def prepare(qs, d8, bsums):
-    """Q8_K activation (common.quantize_q8_k_rows output, [n_tok, ...]) -> what the kernels read:
+def widen(qs, d8, bsums):
+    """Q8_K activation (common.q8_k_activation output, [n_tok, ...]) -> what the kernels read:
     (quants as int16, d8, sums over 32). int16 lets LLVM pre-scale x with vpmullw (see _t);
     the 32-sums save the kernels adding pairs of 16-sums in every block of every row."""
     return qs.astype(np.int16), d8, bsums.reshape(*bsums.shape[:-1], -1, 2).sum(axis=-1, dtype=np.int32)
@@ -218,22 +248,27 @@ def prepare(qs, d8, bsums):
 
 def quantize_activation(x):
     """f32[n_tok, n] -> prepared Q8_K activation, reusable for every Q4_K/Q5_K weight with n columns."""
-    qs, d8, bsums = q8_k_buffers(*x.shape)
-    quantize_q8_k_rows(x, qs, d8, bsums)
-    return prepare(qs, d8, bsums)
+    return widen(*q8_k_activation(x))
 
 
 class KQuant45(QuantType):
     """Driver shared by Q4_K and Q5_K; subclasses set `kernels = make_kernels(five)`.
 
-    MoE code can quantize x once with `quantize_activation` (or `prepare` on
-    common.quantize_q8_k_rows output) and call `matmul_prepared` per expert."""
+    `prepare` gives x as Q8_K widened to int16 (act_format "q8_k16"), for any
+    number of `matmul_prepared_into` calls."""
 
+    act_format = "q8_k16"
     kernels: tuple
     pair_cols = None  # matvec takes rows in pairs above this many columns
 
     def dequantize_into(self, out, w):
         self.kernels[3](out, w)
+
+    def prepare(self, x):
+        return quantize_activation(x)
+
+    def matmul_prepared_into(self, out, act, w):
+        self.matmul_prepared(out[0] if out.shape[0] == 1 else out, act, w)
 
     def matmul_prepared(self, out, act, w):
         """out f32[n_rows] (one token: matvec kernel, no per-row scratch) or f32[n_tok, n_rows]."""
@@ -244,19 +279,21 @@ class KQuant45(QuantType):
                              f"do not fit weights of {w.shape[0]} x {n_cols}")
         if out.ndim == 1:
             pairs = self.pair_cols is not None and n_cols > self.pair_cols
-            self.kernels[1 if pairs else 0](out, *(a.reshape(1, -1) for a in act), w)
+            self.kernels[1 if pairs else 0](out, *(a.reshape(1, -1) for a in act), w, numba.get_num_threads())
         else:
             self.kernels[2](out, *act, w)
 
+    def matvec_experts_into(self, out, act, stacks, sel, xrow):
+        n_cols = act[0].shape[1]
+        if (not all(w.ndim == 3 and w.shape[1:] == (out.shape[2], self.row_bytes(n_cols)) and w.flags.c_contiguous
+                    for w in stacks) or len(stacks) != out.shape[0]
+                or max(sel) >= min(w.shape[0] for w in stacks) or max(xrow) >= act[0].shape[0]):
+            raise ValueError(f"{self.qtype.name}: expert stacks do not fit out {out.shape} / activation {act[0].shape}")
+        self.kernels[4](out, *act, tuple(stacks), sel, xrow, numba.get_num_threads())
+
     def _matmul(self, out, qs, d8, bsums, w):
         """Same, from an unprepared Q8_K activation (the convention of the other K-quants)."""
-        self.matmul_prepared(out, prepare(qs, d8, bsums), w)
-
-    def matvec_into(self, out, x, w):
-        self.matmul_prepared(out, quantize_activation(x.reshape(1, -1)), w)
-
-    def matmul_into(self, out, x, w):
-        self.matmul_prepared(out, quantize_activation(x), w)
+        self.matmul_prepared(out, widen(qs, d8, bsums), w)
 
 
 class Q4_K(KQuant45):

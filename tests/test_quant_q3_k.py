@@ -17,7 +17,8 @@ def test_q3_k_matvec():
 
 
 def test_q3_k_matmul_rows_equal_matvec():
-    assert_matmul_rows_equal_matvec(T.Q3_K)
+    from localmoe.quant.q3_k import TILED_MIN_BATCH
+    assert_matmul_rows_equal_matvec(T.Q3_K, batch_formula_from=TILED_MIN_BATCH)
 
 
 def test_q3_k_api_any_shape():

@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
-from localmoe.layers import Rope, apply_rope, attention, rms_norm, sigmoid, softmax
+from localmoe.layers import Rope, apply_rope, attention, matvec_f32_vec_dot, rms_norm, sigmoid, softmax
 from localmoe.moe import moe_ffn
+from localmoe.weights import Activation
 
 def _scalar(g, key: str, default=None, required=False):
     v = g.arch_get(key, None)
@@ -101,6 +103,16 @@ class ModelArgs:
                     n_ctx_orig=int(_scalar(g, "rope.scaling.original_context_length", n_ctx_train)))
 
 
+def router_logits(gate, x: np.ndarray) -> np.ndarray:
+    """gate x for the router weights `gate` (Linear) and x f32[n_tok, n_embd]. One token with F32
+    weights goes through ggml_vec_dot_f32's order, as in llama.cpp (its batches match the Linear)."""
+    if x.shape[0] != 1 or gate.qtype != GGMLQuantizationType.F32 or gate.bias is not None:
+        return gate(x)
+    out = np.empty((1, gate.n_out), np.float32)
+    matvec_f32_vec_dot(out[0], np.ascontiguousarray(x[0]), gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in))
+    return out
+
+
 def route_topk(logits: np.ndarray, k: int, gating: str, norm: bool, scale: float):
     """llama.cpp's build_moe_ffn routing. logits f32[n_tok, n_expert] -> (ids i32[n_tok, k], w f32[n_tok, k]).
 
@@ -143,6 +155,7 @@ class Block:
     def attention(self, x, cache, cos, sin) -> np.ndarray:
         a, w = self.args, self.w
         n_tok = x.shape[0]
+        x = Activation(x)  # q, k and v share x's conversion when their types do
         q = w.attn_q(x).reshape(n_tok, a.n_head, a.head_dim_k)
         k = w.attn_k(x).reshape(n_tok, a.n_head_kv, a.head_dim_k)
         v = w.attn_v(x).reshape(n_tok, a.n_head_kv, a.head_dim_v)
@@ -159,5 +172,5 @@ class Block:
     def routed_experts(self, x: np.ndarray, gating: str, norm: bool) -> np.ndarray:
         """The routed-expert sum for x f32[n_tok, n_embd], routing per `route_topk`."""
         a = self.args
-        ids, wts = route_topk(self.w.ffn_gate_inp(x), a.n_expert_used, gating, norm, a.expert_weights_scale)
+        ids, wts = route_topk(router_logits(self.w.ffn_gate_inp, x), a.n_expert_used, gating, norm, a.expert_weights_scale)
         return moe_ffn(self.store, self.il, x, ids, wts)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numba import njit
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
 from localmoe.layers import apply_rope, attention, rms_norm, sigmoid, softmax
@@ -82,18 +83,27 @@ class ModelArgs(base.ModelArgs):
         rope = cls.rope_from_gguf(g, n_rot, n_ctx_train, yarn_log_mul=log_mul, yarn_mscale=log_mul)
         rope = replace(rope, beta_fast=32.0, beta_slow=1.0)  # llama.cpp reads no yarn_beta_* for deepseek2
         # YaRN's magnitude correction goes into the KQ scale (both q and k carry it), not into cos/sin
-        inv_fs = math.log(1.0 / rope.freq_scale)
-        mscale = rope.attn_factor * (1.0 + 0.1 * inv_fs) * (1.0 + 0.1 * log_mul * inv_fs)
+        raw_log_mul = np.float32(get("rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(0.1)
+        kq_scale = float(_kq_scale(np.float32(rope.attn_factor), np.float32(rope.freq_scale), raw_log_mul,
+                                   np.float32(hd_qk)))
 
         # MLA caches one latent "head" and no V (read as a view of K's first kv_lora_rank columns)
         cache = dict(n_head_kv=1, head_dim_k=kv_lora + n_rot, head_dim_v=0) if mla else {}
         return super().from_gguf(
-            g, n_expert_used, rope=rope, kq_scale=mscale * mscale / math.sqrt(hd_qk), **cache,
+            g, n_expert_used, rope=rope, kq_scale=kq_scale, **cache,
             n_layer_dense_lead=int(get("leading_dense_block_count", 0)),
             q_lora_rank=int(get("attention.q_lora_rank", 0)), kv_lora_rank=kv_lora,
             head_dim_qk=hd_qk, head_dim_v_mla=hd_v_mla, mla=mla, gating=GATING[gating_id],
             expert_weights_norm=bool(get("expert_weights_norm", False)),
             n_group=n_group, n_group_used=n_group_used, **extra)
+
+
+@njit(cache=True)
+def _kq_scale(attn_factor, freq_scale, log_mul, hd):  # all f32 -> f32, llama.cpp deepseek2's float steps
+    lg = math.log(np.float32(1) / freq_scale)  # numba's float32 log is libm logf
+    org = attn_factor * (np.float32(1) + np.float32(0.1) * lg)
+    mscale = org * (np.float32(1) + np.float32(0.1) * log_mul * lg)
+    return np.float32(1) * mscale * mscale / math.sqrt(hd)
 
 
 def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs):
@@ -194,6 +204,6 @@ class Block(base.Block):
         a, w = self.args, self.w
         if self.il < a.n_layer_dense_lead:
             return swiglu_ffn(x, w.ffn_gate, w.ffn_up, w.ffn_down)
-        ids, wts = route(w.ffn_gate_inp(x), getattr(w, "exp_probs_b", None), a)
+        ids, wts = route(base.router_logits(w.ffn_gate_inp, x), getattr(w, "exp_probs_b", None), a)
         out = moe_ffn(self.store, self.il, x, ids, wts)
         return out + swiglu_ffn(x, w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp)
