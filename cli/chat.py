@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from .options import sampling_options
 from .plan import offload_kwargs, offload_options, report_stats
 
 HELP = """Available commands:
@@ -32,15 +33,7 @@ HISTORY = Path("~/.localmoe/history")
               help="Context length in tokens (default: min(training context, 4096)).")
 @click.option("-n", "--n-predict", "n_predict", default=-1, show_default=True, type=click.IntRange(min=-1),
               help="Maximum tokens per reply; -1 = until the model ends its turn or the context is full.")
-@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy.")
-@click.option("--top-k", default=40, show_default=True, type=int)
-@click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--min-p", default=0.05, show_default=True, type=float)
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
-@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="Compute threads.")
-@click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
-              help="Override the number of active experts (ARCH.expert_used_count).")
+@sampling_options
 @click.option("--verbose", is_flag=True, help="Show speeds, expert hits and memory after each reply.")
 @offload_options
 def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,

@@ -1,6 +1,7 @@
 """`localmoe run MODEL -p TEXT`: stream a completion to stdout, speeds to stderr."""
 import click
 
+from .options import sampling_options
 from .plan import offload_kwargs, offload_options, report_stats
 
 
@@ -9,15 +10,7 @@ from .plan import offload_kwargs, offload_options, report_stats
 @click.option("-p", "--prompt", required=True, help="Text to complete.")
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum number of tokens to generate.")
-@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy.")
-@click.option("--top-k", default=40, show_default=True, type=int)
-@click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--min-p", default=0.05, show_default=True, type=float)
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
-@click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="Compute threads.")
-@click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
-              help="Override the number of active experts (ARCH.expert_used_count).")
+@sampling_options
 @click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=1),
               help="Context length (default: min(training context, 4096)).")
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
