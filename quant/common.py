@@ -84,14 +84,6 @@ def q8_k_activation(x):
     return act
 
 
-@njit(inline="always")
-def scale_min_k4(j, q, o):
-    """The 6-bit (scale, min) pair j of a Q4_K/Q5_K block; q[o:o+12] holds the packed scales."""
-    if j < 4:
-        return q[o + j] & 63, q[o + j + 4] & 63
-    return ((q[o + j + 4] & 0xF) | ((q[o + j - 4] >> 6) << 4),
-            (q[o + j + 4] >> 4) | ((q[o + j] >> 6) << 4))
-
 
 @intrinsic
 def take_next(typingctx, counter):
