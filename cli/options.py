@@ -2,9 +2,16 @@
 import click
 
 
+def stack_options(f, opts):
+    """Apply click options so they show in the order listed."""
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def sampling_options(f):
     """Sampling (llama-cpp-python's defaults), --threads and --experts-per-token."""
-    opts = [
+    return stack_options(f, [
         click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy."),
         click.option("--top-k", default=40, show_default=True, type=int),
         click.option("--top-p", default=0.95, show_default=True, type=float),
@@ -14,7 +21,4 @@ def sampling_options(f):
         click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="Compute threads."),
         click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
                      help="Override the number of active experts (ARCH.expert_used_count)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    ])

@@ -7,10 +7,12 @@ import json
 
 import click
 
+from .options import stack_options
+
 
 def offload_options(f):
     """--ram-budget, --cache-policy, --expert-profile, --no-prefetch, --stats, --stats-out."""
-    opts = [
+    return stack_options(f, [
         click.option("--ram-budget", default=None, metavar="SIZE",
                      help="Keep the model within SIZE of RAM (e.g. 6G, 512M): hot experts stay "
                           "resident, cold ones are read from disk. See `localmoe plan`."),
@@ -24,10 +26,7 @@ def offload_options(f):
                      help="Print per-expert hit counts, cache hit rate and prefetch accuracy at the end."),
         click.option("--stats-out", default=None, type=click.Path(dir_okay=False, writable=True),
                      help="Save the expert statistics as JSON (usable as --expert-profile)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    ])
 
 
 def offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch) -> dict:
