@@ -13,6 +13,7 @@ COMMANDS = {
     "chat": ("chat", "chat_cmd", "Chat with a model interactively."),
     "inspect": ("inspect", "inspect_cmd", "Show a GGUF model's architecture, tensors and expert layout."),
     "quantize-model": ("quantize_model", "quantize_model_cmd", "Quantize an F16/BF16/F32 model as llama-quantize does."),
+    "perplexity": ("perplexity", "perplexity_cmd", "Perplexity on a text file, computed as llama.cpp does."),
     "plan": ("plan", "plan_cmd", "Plan memory for running a model under a RAM budget (--ram-budget)."),
     "run": ("run", "run_cmd", "Generate text from a model, streaming tokens to stdout."),
 }

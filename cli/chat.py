@@ -1,4 +1,4 @@
-"""`localmoe chat MODEL`: an interactive chat in the terminal (the REPL around ChatSession)."""
+"""`localmoe chat [MODEL]`: an interactive chat in the terminal (the REPL around ChatSession)."""
 import os
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ HISTORY = Path("~/.localmoe/history")
 
 
 @click.command("chat")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--ctx", "n_ctx", default=None, type=click.IntRange(min=16),
               help="Context length in tokens (default: min(training context, 4096)).")
@@ -38,11 +38,12 @@ HISTORY = Path("~/.localmoe/history")
 @offload_options
 def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
              n_expert_used, verbose, show_stats, stats_out, **offload):
-    """Chat with MODEL (a GGUF file) in the terminal. MODEL is required for now:
-    a default model to download comes with a later release.
+    """Chat with MODEL (a GGUF file; default: the shipped Shakespeare model) in the terminal.
 
     Type /? in the chat for its commands; /bye or Ctrl-D exits."""
     from localmoe.chat import ChatSession
+    from localmoe.shipped import default_model_path
+    model = model or str(default_model_path())
     model_ = _load(model, threads, n_ctx, n_expert_used, offload_kwargs(**offload))
     try:
         session = ChatSession(model_, system=system, max_tokens=n_predict, temperature=temp, top_k=top_k,

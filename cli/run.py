@@ -1,4 +1,4 @@
-"""`localmoe run MODEL -p TEXT`: stream a completion to stdout, speeds to stderr."""
+"""`localmoe run [MODEL] -p TEXT`: stream a completion to stdout, speeds to stderr."""
 import click
 
 from .options import sampling_options
@@ -6,7 +6,7 @@ from .plan import offload_kwargs, offload_options, report_stats
 
 
 @click.command("run")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to complete.")
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum number of tokens to generate.")
@@ -18,8 +18,10 @@ from .plan import offload_kwargs, offload_options, report_stats
 def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
             n_expert_used, n_ctx, stop, ram_budget, cache_policy, expert_profile, no_prefetch, show_stats,
             stats_out):
-    """Generate text from MODEL, streaming tokens as they come."""
+    """Generate text from MODEL (default: the shipped Shakespeare model), streaming tokens as they come."""
     from localmoe.model import load
+    from localmoe.shipped import default_model_path
+    model = model or default_model_path()
     m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used,
              **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch))
     for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,

@@ -1,0 +1,78 @@
+"""The shipped default model: the file the golden ids were made from, and localmoe's greedy
+tokens on it equal to llama.cpp's. After replacing the model: python -m tests.make_golden."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import localmoe
+from localmoe.cli import main
+from localmoe.shipped import default_model_path
+from reference import greedy, tokenize
+from tests.make_golden import GOLDEN, N_TOKENS, sha256
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not GOLDEN.exists():
+        pytest.fail(f"{GOLDEN} is missing: run python -m tests.make_golden for the shipped model")
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.fixture(autouse=True)
+def packaged(monkeypatch):
+    monkeypatch.delenv("LOCALMOE_MODEL", raising=False)
+
+
+def test_golden_is_for_this_file(golden):
+    path = default_model_path()
+    assert sha256(path) == golden["sha256"], (
+        f"{path.name} is not the file {GOLDEN.name} was made from: run python -m tests.make_golden")
+    assert len(golden["greedy_ids"]) == N_TOKENS
+
+
+@pytest.mark.reference
+def test_llama_cpp_greedy_matches_golden(golden):
+    path = default_model_path()
+    assert tokenize(path, golden["prompt"]) == golden["prompt_ids"]
+    ids, _ = greedy(path, golden["prompt_ids"], N_TOKENS)
+    assert ids == golden["greedy_ids"], "llama.cpp's greedy ids (tolerance: exact)"
+
+
+@pytest.mark.reference
+def test_localmoe_greedy_matches_golden(golden):
+    m = localmoe.load(default_model_path(), n_threads=2)
+    assert m.tokenize(golden["prompt"]) == golden["prompt_ids"]
+    m.reset()
+    row = m.forward(golden["prompt_ids"], all_logits=False)[-1]
+    ids = []
+    for _ in range(N_TOKENS):  # argmax like the golden, end-of-generation included
+        ids.append(int(np.argmax(row)))
+        row = m.forward(ids[-1:])[-1]
+    assert ids == golden["greedy_ids"], "localmoe's greedy ids vs llama.cpp's (tolerance: exact)"
+
+
+@pytest.mark.reference
+def test_run_without_model_uses_the_shipped_one(golden):
+    res = CliRunner().invoke(main, ["run", "-p", golden["prompt"], "-n", str(N_TOKENS), "--temp", "0"])
+    assert res.exit_code == 0, res.output
+    tok = localmoe.load_tokenizer(default_model_path())
+    ids = golden["greedy_ids"]
+    ends = [i for i, t in enumerate(ids) if tok.is_eog(t)]
+    assert res.stdout == tok.decode(ids[:ends[0] if ends else None]) + "\n"
+
+
+def test_env_override_and_missing_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCALMOE_MODEL", str(tmp_path / "none.gguf"))
+    res = CliRunner().invoke(main, ["run", "-p", "Hi", "-n", "1"])
+    assert res.exit_code == 1
+    assert f"error: no model at {tmp_path / 'none.gguf'} ($LOCALMOE_MODEL)" in res.stderr
+
+
+def test_chat_without_model_uses_the_shipped_one():
+    msg = "Good morrow, sir."
+    want = localmoe.chat(default_model_path(), [{"role": "user", "content": msg}], max_tokens=6, temperature=0)
+    res = CliRunner().invoke(main, ["chat", "-n", "6", "--temp", "0"], input=f"{msg}\n/bye\n")
+    assert res.exit_code == 0, res.output
+    assert want and res.stdout == want + "\n"
