@@ -254,10 +254,6 @@ class _Legacy(QuantType):
         else:
             matmul_q8act(out, *act, w, int(self.qtype))
 
-    def matvec_q8(self, out, qy, dy, sy, w):
-        """matvec on one row quantized by q8.quantize_activations (earlier entry point, used by tests)."""
-        self.matmul_prepared_into(out[None, :], (qy[None, :], dy[None, :], sy[None, :]), w)
-
     def quantize(self, w):
         from .legacy_quantize import quantize_rows  # kept out of the runtime's import path
         return quantize_rows(self, w)

@@ -10,8 +10,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .common import QK_K, read_f16
-from .q6_k import (I16, I32, ROW_CHUNK, KQuant, Vec, block_decode, block_dot, c_matrix, decode_scratch, f16_at,
-                   group_scales, row_ptr, vec, ws_dot)
+from .kquant import (I16, I32, ROW_CHUNK, KQuant, Vec, block_decode, block_dot, c_matrix, decode_scratch, f16_at,
+                     group_scales, row_ptr, vec, ws_dot)
 
 TYPE_SIZE = 84
 

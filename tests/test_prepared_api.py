@@ -8,9 +8,8 @@ from gguf.quants import quantize as gguf_quantize
 
 from localmoe.quant import quant_type, supported_types
 from localmoe.weights import Activation, Linear
+from quant_helpers import F16_FIELDS  # K-quants: random bytes there could be inf/nan
 
-# byte offsets of each K-quant block's fp16 scale fields (random bytes there could be inf/nan)
-F16_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 N_COLS = 512
 
 

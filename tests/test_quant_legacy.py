@@ -172,9 +172,9 @@ def test_matvec_on_prequantized_activation():
     rng = np.random.default_rng(3)
     raw = random_weights(T.Q8_0, 5, 4, rng)
     x = random_x(128, rng)
-    out = np.empty(5, np.float32)
-    quant_type(T.Q8_0).matvec_q8(out, *quantize_activations(x), raw)
-    np.testing.assert_array_equal(out, matvec(raw, T.Q8_0, (5, 128), x))
+    out = np.empty((1, 5), np.float32)
+    quant_type(T.Q8_0).matmul_prepared_into(out, quantize_activations(x[None]), raw)
+    np.testing.assert_array_equal(out[0], matvec(raw, T.Q8_0, (5, 128), x))
 
 
 def test_wrong_sizes_are_rejected():

@@ -1,9 +1,9 @@
-"""Q2_K kernels against gguf-py and float64 references (helpers in test_quant_q6_k)."""
+"""Q2_K kernels against gguf-py and float64 references (helpers in quant_helpers)."""
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
-from test_quant_q6_k import (assert_api_any_shape, assert_dequantize_bit_exact,
+from quant_helpers import (assert_api_any_shape, assert_dequantize_bit_exact,
                              assert_matmul_rows_equal_matvec, assert_matvec_close,
                              assert_quantized_activation_reuse)
 

@@ -1,0 +1,376 @@
+"""What the K-quant kernels (q2_k ... q6_k) share: the KQuant driver and the vector-IR helpers.
+
+As in llama.cpp, x is first quantized to Q8_K and each block's dot product is
+exact integer arithmetic, scaled in float32 by d * d8 (ggml's vec_dot_*_q8_K).
+The block kernels are numba intrinsics emitting LLVM vector IR: numba types
+every integer op as int64, so plain numba loops vectorize on 64-bit lanes.
+
+Two styles of block kernel:
+- `block_dot`/`block_decode`: generic IR, weights widened to int16 chunks
+  (LLVM emits vpmullw + vpdpwssd or the equivalent on another target);
+- `Vec.maddubs`/`Vec.madd`: ggml's AVX2 scheme, unsigned quant bytes times
+  Q8_K bytes summed in pairs to int16 (vpmaddubsw), then times the scales in
+  pairs to int32 (vpmaddwd): half the instructions per weight. They use x86
+  intrinsics where the CPU numba compiles for has them (`SIMD`), on 64-byte
+  vectors with AVX-512BW, else the same arithmetic in generic IR.
+"""
+import numba
+import numpy as np
+from llvmlite import binding as ll
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+from .base import QuantType
+from .common import QK_K, q8_k_activation, take_next
+
+ROW_CHUNK = 16  # rows per parallel task; decoded for prefill, 16 rows of int16 stay in L2
+# rows per task of a matvec: long runs of each thread's rows keep the hardware prefetchers
+# streaming (Q6_K 151936x2048 at 2 threads: 13 ms with 16-row tasks, 5.7 ms with 256)
+MATVEC_CHUNK = 256
+
+
+def _target_features():
+    """The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    flat = config.CPU_FEATURES if config.CPU_FEATURES is not None else ll.get_host_cpu_features().flatten()
+    return {f[1:] for f in flat.split(",") if f.startswith("+")}
+
+
+_FEATURES = _target_features()
+# x86 instruction set of the pair-product kernels (None: generic IR); part of numba's cache key,
+# since cached code is only reused on a CPU with the same features
+SIMD = "avx512bw" if {"avx512bw", "avx512f"} <= _FEATURES else "avx2" if "avx2" in _FEATURES else None
+_PAIR_OPS = {  # (bytes per vector) -> (u8 x s8 -> i16 pairs, i16 x i16 -> i32 pairs)
+    32: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+    64: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+}
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def splat(t, n, v):
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+class Vec:
+    """A few IRBuilder shorthands for target-independent vector code."""
+
+    def __init__(self, builder, simd=None):
+        """simd: the x86 instruction set maddubs/madd may use ("avx2", "avx512bw"; None: generic IR);
+        it also sets `width`, the bytes per vector those kernels work on."""
+        self.b, self.simd = builder, simd
+        self.width = 64 if simd == "avx512bw" else 32
+
+    def load(self, ptr, off, n, t=I8):
+        """<n x t> at ptr + off elements (unaligned)."""
+        p = self.b.gep(ptr, [ir.Constant(ir.IntType(64), off)])
+        return self.b.load(self.b.bitcast(p, vec(t, n).as_pointer()), align=1, typ=vec(t, n))
+
+    def const(self, x, v):
+        n = x.type.count
+        return ir.Constant(x.type, list(v) if isinstance(v, (list, tuple)) else [v] * n)
+
+    def shr(self, x, s):
+        return self.b.lshr(x, self.const(x, s))
+
+    def shl(self, x, s):
+        return self.b.shl(x, self.const(x, s))
+
+    def mask(self, x, m):
+        return self.b.and_(x, self.const(x, m))
+
+    def sub(self, x, c):
+        return self.b.sub(x, self.const(x, c))
+
+    def sext(self, x, t):
+        return self.b.sext(x, vec(t, x.type.count))
+
+    def zext(self, x, t):
+        return self.b.zext(x, vec(t, x.type.count))
+
+    def shuffle(self, x, y, idx):
+        return self.b.shuffle_vector(x, y, ir.Constant(vec(I32, len(idx)), idx))
+
+    def reduce_add(self, x):
+        n, t = x.type.count, x.type.element
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(t, [x.type]), f"llvm.vector.reduce.add.v{n}i{t.width}")
+        return self.b.call(fn, [x])
+
+    def dot_acc(self, acc, w16, q8, off, q8_dtype):
+        """acc <32 x i32> += w16 <32 x i16> * q8[off:off+32], lane by lane.
+
+        Reduced once at the end with reduce_add, LLVM may pair lanes freely:
+        this is what becomes vpmaddwd/vpdpwssd. q8 may be int8 or int16
+        (see KQuant.prepare for the trade-off).
+        """
+        q = self.load(q8, off, 32, I16) if q8_dtype == types.int16 else self.sext(self.load(q8, off, 32), I16)
+        return self.b.add(acc, self.b.mul(self.sext(w16, I32), self.sext(q, I32)))
+
+    def rep(self, x, k):
+        """x repeated k times: <k * n x t>."""
+        n = x.type.count
+        return x if k == 1 else self.shuffle(x, x, list(range(n)) * k)
+
+    def shr16(self, x, amounts):
+        """Bytes x shifted right within 16-bit lanes, by amounts[i] in the i-th 32-byte chunk: after a
+        mask that keeps fewer than 8 - amount bits, the same as a per-byte shift (x86 has no byte shifts)."""
+        w = self.b.bitcast(x, vec(I16, x.type.count // 2))
+        w = self.b.lshr(w, self.const(w, [a for a in amounts for _ in range(16)]))
+        return self.b.bitcast(w, x.type)
+
+    def f16(self, ptr, off):
+        """The fp16 at byte ptr + off as float32 (vcvtph2ps)."""
+        p = self.b.bitcast(self.b.gep(ptr, [ir.Constant(ir.IntType(64), off)]), ir.HalfType().as_pointer())
+        return self.b.fpext(self.b.load(p, align=1, typ=ir.HalfType()), ir.FloatType())
+
+    def fold8(self, x):
+        """<8k x i32> -> <8 x i32>, lane i the sum of lanes i, i + 8, ...: ggml's AVX2 lanes from wider vectors."""
+        lanes = self.shuffle(x, x, list(range(8)))
+        for k in range(8, x.type.count, 8):
+            lanes = self.b.add(lanes, self.shuffle(x, x, list(range(k, k + 8))))
+        return lanes
+
+    def load_q8(self, qp, off, n, q8_dtype):
+        """<n x i8> Q8_K quants at qp + off, whether qs is stored as int8 or int16."""
+        if q8_dtype == types.int16:
+            return self.b.trunc(self.load(qp, off, n, I16), vec(I8, n))
+        return self.load(qp, off, n)
+
+    def _pairs(self, x, y, t, name):
+        """x * y (widened to t), adjacent lanes summed: the x86 instruction `name` where SIMD allows.
+        Without saturation: the callers' sums fit int16 (vpmaddubsw saturates)."""
+        n = x.type.count
+        if self.simd is not None and n * t.width // 16 == self.width:
+            fn = cgutils.get_or_insert_function(
+                self.b.module, ir.FunctionType(vec(t, n // 2), [x.type, y.type]), name)
+            return self.b.call(fn, [x, y])
+        p = self.b.mul((self.zext if t == I16 else self.sext)(x, t), self.sext(y, t))
+        return self.b.add(self.shuffle(p, p, list(range(0, n, 2))), self.shuffle(p, p, list(range(1, n, 2))))
+
+    def maddubs(self, u, s):
+        """<n x i8> unsigned u times signed s -> <n/2 x i16>, pairs summed (vpmaddubsw)."""
+        return self._pairs(u, s, I16, _PAIR_OPS[self.width][0])
+
+    def madd(self, a, b):
+        """<n x i16> a times b -> <n/2 x i32>, pairs summed (vpmaddwd)."""
+        return self._pairs(a, b, I32, _PAIR_OPS[self.width][1])
+
+
+def c_matrix(*tys):
+    """Typing guard for the intrinsics: their pointer arithmetic assumes C-contiguous 2-D arrays."""
+    return all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in tys)
+
+
+def row_ptr(context, builder, sig, args, i, idx=(1, 2)):
+    """Pointer to element a[r, off] for a = args[i] and r, off = args[i + idx[0]], args[i + idx[1]];
+    a C-contiguous 2-D (no bounds check)."""
+    aty, arr = sig.args[i], args[i]
+    r, off = (context.cast(builder, args[i + j], sig.args[i + j], types.int64) for j in idx)
+    a = context.make_array(aty)(context, builder, arr)
+    stride = cgutils.unpack_tuple(builder, a.strides)[0]
+    size = ir.Constant(ir.IntType(64), context.get_abi_sizeof(context.get_data_type(aty.dtype)))
+    byte_ptr = builder.bitcast(a.data, I8.as_pointer())
+    p = builder.gep(byte_ptr, [builder.add(builder.mul(r, stride), builder.mul(off, size))])
+    return builder.bitcast(p, a.data.type)
+
+
+@intrinsic
+def f16_at(typingctx, w, r, o):
+    """The fp16 at w[r, o:o+2] as float32, converted by the hardware (vcvtph2ps), not a table:
+    the 256 KiB table lookups cost cache misses in the hot loop."""
+    def codegen(context, builder, sig, args):
+        return Vec(builder).f16(row_ptr(context, builder, sig, args, 0), 0)
+    if c_matrix(w):
+        return types.float32(w, r, o), codegen
+
+
+def group_scales(v, sc16, j):
+    """<32 x i16> with scale j in lanes 0-15 and scale j + 1 in lanes 16-31."""
+    return v.shuffle(sc16, sc16, [j] * 16 + [j + 1] * 16)
+
+
+def block_dot(weights, shift=0):
+    """Intrinsic dot(w, r, o, qs, t, qo): exact int32 sum of weight * q8 over the block at
+    w[r, o:] and the Q8_K quants qs[t, qo:qo+256] (int8 or int16), fused: no weights in memory.
+
+    `weights(v, wp)` emits the block's eight <32 x i16> chunks of integer weights.
+    `shift` scales them up first when they are so small that LLVM would otherwise
+    narrow the products to bytes and lose the 16-bit pair instructions.
+    Callers guarantee the indices are in range: nothing is checked.
+    """
+    @intrinsic
+    def dot(typingctx, w, r, o, qs, t, qo):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder)
+            wp, qp = row_ptr(context, builder, sig, args, 0), row_ptr(context, builder, sig, args, 3)
+            acc = splat(I32, 32, 0)
+            for i, w16 in enumerate(weights(v, wp)):
+                acc = v.dot_acc(acc, v.shl(w16, shift) if shift else w16, qp, 32 * i, sig.args[3].dtype)
+            isum = v.reduce_add(acc)
+            return builder.ashr(isum, ir.Constant(I32, shift)) if shift else isum
+        if c_matrix(w, qs):
+            return types.int32(w, r, o, qs, t, qo), codegen
+    return dot
+
+
+def block_decode(weights):
+    """Intrinsic decode(ws, i, wo, w, r, o): ws[i, wo:wo+256] (int16) <- the integer weights
+    of the block at w[r, o:], for `ws_dot` to reuse over many tokens. Unchecked indices."""
+    @intrinsic
+    def decode(typingctx, ws, i, wo, w, r, o):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder)
+            dst = row_ptr(context, builder, sig, args, 0)
+            for k, w16 in enumerate(weights(v, row_ptr(context, builder, sig, args, 3))):
+                p = builder.gep(dst, [ir.Constant(ir.IntType(64), 32 * k)])
+                builder.store(w16, builder.bitcast(p, w16.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+        if c_matrix(ws, w) and ws.dtype == types.int16:
+            return types.void(ws, i, wo, w, r, o), codegen
+    return decode
+
+
+@intrinsic
+def ws_dot(typingctx, ws, i, wo, qs, t, qo):
+    """Exact int32 dot of decoded weights ws[i, wo:wo+256] (int16) with qs[t, qo:qo+256]. Unchecked."""
+    def codegen(context, builder, sig, args):
+        v = Vec(builder)
+        wp, qp = row_ptr(context, builder, sig, args, 0), row_ptr(context, builder, sig, args, 3)
+        acc = splat(I32, 32, 0)
+        for k in range(QK_K // 32):
+            acc = v.dot_acc(acc, v.load(wp, 32 * k, 32, I16), qp, 32 * k, sig.args[3].dtype)
+        return v.reduce_add(acc)
+    if c_matrix(ws, qs) and ws.dtype == types.int16:
+        return types.int32(ws, i, wo, qs, t, qo), codegen
+
+
+def block_dot_lanes(lanes, simd=SIMD):
+    """Intrinsic dot(w, r, o, qs, t, qo, d, acc): acc[0:8] = fma(d, lanes, acc[0:8]) (f32) for the block at
+    w[r, o:] and the Q8_K quants qs[t, qo:qo+256] (int8 or int16); `lanes(v, wp, qp, q8_dtype)` emits
+    the <8 x i32> exact integer lanes. The float steps of ggml's AVX2 vec_dot_q*_K_q8_K, whose float
+    lanes `hsum_float_8` reduces; `simd` as in Vec. Unchecked indices."""
+    @intrinsic
+    def dot(typingctx, w, r, o, qs, t, qo, d, acc):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder, simd)
+            wp, qp = row_ptr(context, builder, sig, args, 0), row_ptr(context, builder, sig, args, 3)
+            fma_into(context, builder, lanes(v, wp, qp, sig.args[3].dtype), args[6], sig.args[7], args[7])
+            return context.get_dummy_value()
+        if c_matrix(w, qs) and d == types.float32 and isinstance(acc, types.Array) and acc.dtype == types.float32:
+            return types.void(w, r, o, qs, t, qo, d, acc), codegen
+    return dot
+
+
+def fma_into(context, builder, ints, d, aty, arr, off=0):
+    """arr[off:off+n] = fma(d, float(ints), arr[off:off+n]) for ints <n x i32>, arr an f32 array (unchecked)."""
+    n = ints.type.count
+    fv = vec(ir.FloatType(), n)
+    dv = builder.insert_element(ir.Constant(fv, ir.Undefined), d, ir.Constant(I32, 0))
+    dv = builder.shuffle_vector(dv, dv, ir.Constant(vec(I32, n), [0] * n))
+    p = builder.gep(context.make_array(aty)(context, builder, arr).data, [ir.Constant(ir.IntType(64), off)])
+    ap = builder.bitcast(p, fv.as_pointer())
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fv, [fv] * 3), f"llvm.fma.v{n}f32")
+    builder.store(builder.call(fma, [dv, builder.sitofp(ints, fv), builder.load(ap, align=4)]), ap, align=4)
+
+
+@njit(inline="always")
+def hsum_float_8(a):  # a f32[8+] -> f32: a[0:8] summed in ggml's x86 hsum_float_8 order
+    r0, r1 = a[4] + a[0], a[5] + a[1]
+    r2, r3 = a[6] + a[2], a[7] + a[3]
+    return (r0 + r2) + (r1 + r3)
+
+
+@njit(inline="always")
+def decode_scratch(n_tok, nb):
+    """int16 rows for the decoded weights of one row chunk (none needed for one token)."""
+    return np.empty((ROW_CHUNK if n_tok > 1 else 0, nb * QK_K), np.int16)
+
+
+
+def make_matvec_experts(row, n_scratch):
+    """njit kernel matvec_experts(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
+    for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
+    MATVEC_CHUNK at a time from a shared counter. `row(w, r, act, t, scratch)` is one row's dot with
+    token t of the prepared activation tuple `act`; scratch: f32[n_scratch] per thread."""
+    @njit(cache=True, nogil=True, parallel=True)
+    def matvec_experts(out, act, ws, sel, xrow, n_par):  # out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
+        n_mat, n_sel, n_rows = out.shape
+        n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
+        counter = np.zeros(1, np.int64)
+        for _ in prange(n_par):
+            scratch = np.empty(n_scratch, np.float32)
+            i = take_next(counter)
+            while i < n_mat * n_sel * n_chunks:
+                ms, c = i // n_chunks, i % n_chunks
+                m, s = ms // n_sel, ms % n_sel
+                w = ws[m][sel[s]]
+                for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
+                    out[m, s, r] = row(w, r, act, xrow[s], scratch)
+                i = take_next(counter)
+    return matvec_experts
+
+
+def check_expert_stacks(qt, out, act, stacks, sel, xrow):
+    """The checks matvec_experts kernels rely on (they index without bounds checks)."""
+    qs = act[0]
+    if (not all(w.ndim == 3 and w.shape[1:] == (out.shape[2], qt.row_bytes(qs.shape[1])) and w.flags.c_contiguous
+                for w in stacks) or len(stacks) != out.shape[0] or qs.dtype != np.int8
+            or max(sel) >= min(w.shape[0] for w in stacks) or max(xrow) >= qs.shape[0]):
+        raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
+
+
+class KQuant(QuantType):
+    """Shared driver for the K-quants: x -> Q8_K once (`prepare`), then the integer kernels.
+
+    Subclasses set `_dequantize(out, w)`, `_kernel(out, qs, d8, bsums, w, n_par)` and, for a
+    fused MoE decode step, `_experts` (a `make_matvec_experts` kernel).
+    The kernels trust their shapes (the dot intrinsics do no bounds checks), so
+    everything is checked here.
+    """
+
+    act_format = "q8_k"
+
+    def _check_weights(self, w, n_rows, n_cols):
+        rb = self.row_bytes(n_cols)
+        if not (isinstance(w, np.ndarray) and w.dtype == np.uint8 and w.flags.c_contiguous and w.shape == (n_rows, rb)):
+            got = f"{w.dtype}{list(w.shape)}" if isinstance(w, np.ndarray) else type(w).__name__
+            raise ValueError(f"{self.qtype.name}: weights must be C-contiguous uint8[{n_rows}, {rb}], got {got}")
+
+    def dequantize_into(self, out, w):
+        self._check_weights(w, *out.shape)
+        self._dequantize(out, w)
+
+    def prepare(self, x):
+        """x f32[n_tok, n_cols] -> Q8_K (qs i8[n_tok, n_cols], d8 f32[n_tok, nb], bsums i32[n_tok, n_cols // 16]).
+
+        The kernels also take qs widened to int16 (Q4_K's format): that skips
+        the sign extensions but doubles what must stay in L1, which is slower
+        for long rows (Q6_K 4096x14336: 13 vs 21 GB/s at one thread).
+        """
+        if x.ndim != 2 or x.shape[1] % QK_K:
+            raise ValueError(f"{self.qtype.name}: activations must be [n_tok, k * {QK_K}], got {x.shape}")
+        return q8_k_activation(x)
+
+    def matmul_prepared_into(self, out, act, w):
+        """out f32[n_tok, n_rows] = W @ x for x prepared by `prepare`."""
+        qs, d8, bsums = act
+        n_tok, n_cols = qs.shape
+        shapes_ok = out.shape[0] == n_tok and d8.shape == (n_tok, n_cols // QK_K) and bsums.shape == (n_tok, n_cols // 16)
+        if qs.dtype not in (np.int8, np.int16) or not shapes_ok:
+            raise ValueError(f"{self.qtype.name}: out {out.shape} / activation shapes do not match")
+        self._check_weights(w, out.shape[1], n_cols)
+        self._kernel(out, qs, d8, bsums, w, numba.get_num_threads())
+
+    _experts = None
+
+    def matvec_experts_into(self, out, act, stacks, sel, xrow):
+        if self._experts is None:
+            return super().matvec_experts_into(out, act, stacks, sel, xrow)
+        check_expert_stacks(self, out, act, stacks, sel, xrow)
+        self._experts(out, act, tuple(stacks), sel, xrow, numba.get_num_threads())

@@ -1,0 +1,129 @@
+"""The K-quant pair-product block kernels (kquant.Vec.maddubs/madd) on every instruction set this
+CPU has (generic IR, AVX2, AVX-512BW), against integer sums computed here in numpy; and the Q3_K
+matvec against ggml's vec_dot bit for bit."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import Q4_K as GQ4_K
+from gguf.quants import dequantize as gguf_dequantize
+from numba import njit
+
+from localmoe.quant import quant_type
+from localmoe.quant.common import q8_k_activation
+from localmoe.quant.kquant import SIMD
+from localmoe.quant.q3_k import block_dot_lanes, lanes_q3_k
+from localmoe.quant.q4_k import block_dot_k45
+
+# the instruction sets this CPU can run: generic IR always, then what kquant picked and below it
+SIMDS = [None] + ["avx2", "avx512bw"][:["avx2", "avx512bw"].index(SIMD) + 1] if SIMD else [None]
+ONE_F16 = np.array([0x3C00], "<u2").view(np.uint8)
+
+
+def blocks(type_size, n, seed):
+    """u8[n, type_size]: random blocks, then an all-0xFF block (largest quants and scales) and an all-zero one."""
+    raw = np.random.default_rng(seed).integers(0, 256, (n, type_size), dtype=np.uint8)
+    raw[-2], raw[-1] = 0xFF, 0
+    return raw
+
+
+def q8(n, seed):
+    """i8[n, 256] Q8_K quants: random, then all +127 and all -127 (the extremes quantize_q8_k makes)."""
+    qs = np.random.default_rng(seed).integers(-127, 128, (n, 256)).astype(np.int8)
+    qs[-2], qs[-1] = 127, -127
+    return qs
+
+
+def q3_k_lanes_kernel(simd):
+    dot = block_dot_lanes(lanes_q3_k, simd)
+
+    @njit
+    def run(w, qs, out):  # out f32[n_w, n_x, 8]: each block's lanes, via fma(1, lanes, 0)
+        for r in range(w.shape[0]):
+            for t in range(qs.shape[0]):
+                dot(w, r, 0, qs, t, 0, np.float32(1.0), out[r, t])
+    return run
+
+
+def k45_kernel(five, simd):
+    dot = block_dot_k45(five, simd)
+
+    @njit
+    def run(w, qs, bs32, out):  # out f32[n_w, n_x, 2]: each block's (sumi, -summ) as float32, d8 = 1
+        for r in range(w.shape[0]):
+            for t in range(qs.shape[0]):
+                dot(w, r, 0, qs, bs32, t, 0, 0, np.float32(1.0), out[r, t])
+    return run
+
+
+@pytest.mark.parametrize("simd", SIMDS, ids=str)
+@pytest.mark.parametrize("q8_dtype", [np.int8, np.int16], ids=["i8", "i16"])
+def test_q3_k_lanes(simd, q8_dtype):
+    w = blocks(110, 40, seed=1)
+    w[:, 108:110] = ONE_F16  # d = 1: gguf-py's dequantize gives the integer weights (scale - 32) * q exactly
+    qs = q8(12, seed=2)
+    iw = gguf_dequantize(w, T.Q3_K).reshape(-1, 256).astype(np.int64)
+    # lane k: elements e with e % 32 in 4k..4k+3 (the i32 lanes of ggml's AVX2 kernel)
+    want = (iw[:, None, :] * qs[None].astype(np.int64)).reshape(len(w), len(qs), 8, 8, 4).sum(axis=(2, 4))
+    got = np.zeros((len(w), len(qs), 8), np.float32)
+    q3_k_lanes_kernel(simd)(w, qs.astype(q8_dtype), got)
+    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"Q3_K lanes, simd={simd} (exact)")
+
+
+@pytest.mark.parametrize("simd", SIMDS, ids=str)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_k45_block_sums(simd, qtype):
+    """sum of scale * q * x8 and of min * 32-sum over a block, with d = dmin = d8 = 1 (float32 of exact integers)."""
+    five = qtype == T.Q5_K
+    w = blocks(176 if five else 144, 40, seed=3)
+    w[:, 0:2], w[:, 2:4] = ONE_F16, ONE_F16
+    qs = q8(12, seed=4)
+    sc, mn = GQ4_K.get_scale_min(w[:, 4:16].copy())
+    nib = w[:, -128:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (nib & 15).reshape(-1, 8, 32).astype(np.int64)
+    if five:  # bit j of qh[l] is the 5th bit of element l of sub-block j
+        q += ((w[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) * 16
+    iw = (sc.astype(np.int64)[:, :, None] * q).reshape(len(w), 256)
+    sumi = iw @ qs.T.astype(np.int64)
+    s32 = qs.astype(np.int64).reshape(len(qs), 8, 32).sum(axis=2)
+    summ = mn.astype(np.int64) @ s32.T
+    got = np.zeros((len(w), len(qs), 2), np.float32)
+    k45_kernel(five, simd)(w, qs, s32.astype(np.int32), got)
+    np.testing.assert_array_equal(got[..., 0], sumi.astype(np.float32),
+                                  err_msg=f"{qtype.name} sum of scale * q * x8, simd={simd} (exact)")
+    np.testing.assert_array_equal(got[..., 1], -summ.astype(np.float32),
+                                  err_msg=f"{qtype.name} sum of min * 32-sum, simd={simd} (exact)")
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("qtype", [T.Q3_K], ids=lambda t: t.name)
+def test_matvec_bit_identical_to_ggml_vec_dot(qtype):
+    """Q3_K follows the float steps of ggml's AVX2 vec_dot_q3_K_q8_K (plain, not repacked, weights)."""
+    import llama_cpp  # noqa: F401  (GgmlMatvec loads its libggml)
+    from benchmarks._common import GgmlMatvec
+    qt = quant_type(qtype)
+    n_rows, n_cols = 48, 2048
+    rng = np.random.default_rng(5)
+    w = rng.integers(0, 256, (n_rows, n_cols // 256, qt.type_size), dtype=np.uint8)
+    for off in {T.Q3_K: (108,), T.Q4_K: (0, 2)}[qtype]:  # finite fp16 scales of both signs
+        w[..., off:off + 2] = np.float16(rng.uniform(-0.02, 0.02, (n_rows, n_cols // 256, 1))).view(np.uint8)
+    w = w.reshape(n_rows, -1)
+    x = (rng.standard_normal(n_cols) * rng.uniform(0.01, 10, n_cols)).astype(np.float32)
+    ggml = GgmlMatvec.create(int(qtype), [w], x)
+    try:
+        ggml.run(0, 1)
+        want = ggml.result(0)
+    finally:
+        ggml.close()
+    got = np.empty(n_rows, np.float32)
+    qt.matvec_into(got, x, w)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                  err_msg=f"{qtype.name} vs ggml (bit-identical)")
+
+
+def test_q4_k_prepared_activation_is_int8_with_32_sums():
+    """Q4_K/Q5_K read Q8_K quants as int8 (maddubs) with sums over 32: the pairs of Q8_K's 16-sums."""
+    x = np.random.default_rng(6).standard_normal((2, 512)).astype(np.float32)
+    qs, d8, bs32 = quant_type(T.Q4_K).prepare(x)
+    qs16, d16, bs16 = q8_k_activation(x)
+    assert qs.dtype == np.int8 and (qs == qs16).all() and (d8 == d16).all(), "Q4_K activation: Q8_K quants and scales"
+    np.testing.assert_array_equal(bs32, qs.astype(np.int32).reshape(2, -1, 32).sum(axis=2), err_msg="32-sums (exact)")
