@@ -7,13 +7,15 @@ the loader's order (quant_mix.tensor_order), each padded with zeros to the
 alignment. Types come from quant_mix.plan_types.
 
 Memory stays bounded whatever the model size: tensors are streamed in slabs
-of whole rows (read, convert to f32, quantize, write, drop), and the output
-goes to OUT.partial, which is validated and renamed only when complete.
+of whole rows (F16/BF16/F32 rows read from the mapped input by the quantize
+kernel itself, quantized, written, unmapped), and the output goes to
+OUT.partial, which is validated and renamed only when complete.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -30,7 +32,7 @@ from .quant_mix import MIXES, is_quantized, plan_types, tensor_order
 
 GGML_QNT_VERSION = 2
 GGUF_VERSION = 3
-SLAB_BYTES = 64 << 20      # f32 rows converted at once: bounds the working set
+SLAB_BYTES = 64 << 20      # rows per slab: this many bytes as f32 (bounds the working set)
 _DROPPED_KEYS = ("general.quantization_version", "general.file_type", "split.no", "split.count",
                  "split.tensors.count")
 _SOURCE_TYPES = (T.F32, T.F16, T.BF16)
@@ -222,7 +224,7 @@ class _Progress:
 
 
 class _Scratch:
-    """Reused slab buffers: fresh 64 MiB arrays per slab would page-fault every time."""
+    """Reused slab buffers: fresh arrays per slab would page-fault every time."""
 
     def __init__(self):
         self.bufs: dict[str, np.ndarray] = {}
@@ -234,33 +236,60 @@ class _Scratch:
         return buf[:n * np.dtype(dtype).itemsize].view(dtype)
 
 
-def _read(f, offset: int, buf: np.ndarray) -> np.ndarray:
-    f.seek(offset)
-    if f.readinto(memoryview(buf)) != buf.size:
-        raise QuantizeError(f"{f.name}: short read at offset {offset}: was the file changed?")
-    return buf
+class _Source:
+    """The input file mapped. Kernels read tensor rows straight from the page cache; the next
+    slab is prefetched (MADV_WILLNEED) and each finished slab unmapped (MADV_DONTNEED: the pages
+    stay cached) so the RSS stays at about one slab. Copy-on-write rather than read-only only so
+    numpy views are writable (nothing writes them): the kernels then have one compiled signature."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.size = len(self.mm)
+
+    def rows(self, offset: int, n_rows: int, row_bytes: int) -> np.ndarray:
+        return np.frombuffer(self.mm, np.uint8, n_rows * row_bytes, offset).reshape(n_rows, row_bytes)
+
+    def advise(self, option: int, offset: int, n: int) -> None:
+        start = offset - offset % mmap.PAGESIZE
+        end = min(offset + n, self.size)
+        if end > start:
+            self.mm.madvise(option, start, end - start)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:  # a row view lives on in an exception's traceback; GC closes the map
+            pass
 
 
-def _write_tensor(src, dst, ti, t: TensorPlan, alignment: int, progress: _Progress, scratch: _Scratch) -> None:
+def _write_tensor(src: _Source, dst, ti, t: TensorPlan, alignment: int, progress: _Progress,
+                  scratch: _Scratch) -> None:
     """Stream one tensor from src to dst in slabs of whole rows."""
     from .quant import quant_type
+    from .quant.kquant_quantize import row_kernel
     n_cols = t.shape[-1]
     n_rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
-    rb_in = t.n_bytes_in // n_rows
+    rb_in, rb_out = t.n_bytes_in // n_rows, t.n_bytes_out // n_rows
     slab = max(1, SLAB_BYTES // (4 * n_cols))
-    qin, qout = (quant_type(t.old), quant_type(t.new)) if t.converts else (None, None)
+    kernel = row_kernel(int(t.new)) if t.converts else None
     for r0 in range(0, n_rows, slab):
         n = min(slab, n_rows - r0)
-        raw = _read(src, ti.offset + r0 * rb_in, scratch.get("in", n * rb_in, np.uint8))
-        if qout is not None:
-            if t.old == T.F32:
-                x = raw.view(np.float32).reshape(n, n_cols)
-            else:
-                x = scratch.get("f32", n * n_cols, np.float32).reshape(n, n_cols)
-                qin.dequantize_into(x, raw.reshape(n, rb_in))
-            raw = np.ascontiguousarray(qout.quantize(x))
+        at = ti.offset + r0 * rb_in
+        src.advise(mmap.MADV_WILLNEED, at + n * rb_in, min(slab, n_rows - r0 - n) * rb_in)
+        raw = src.rows(at, n, rb_in)
+        if kernel is not None:
+            if t.old in _SOURCE_TYPES:
+                rows, kind = raw, t.old
+            else:  # requantizing: through f32
+                rows = scratch.get("f32", n * n_cols, np.float32).reshape(n, n_cols)
+                quant_type(t.old).dequantize_into(rows, raw)
+                rows, kind = rows.view(np.uint8), T.F32
+            raw = scratch.get("out", n * rb_out, np.uint8).reshape(n, rb_out)
+            kernel(raw, rows, int(kind), GGML_QUANT_SIZES[t.new][1])
             _validate_rows(t, raw)
-        dst.write(memoryview(raw).cast("B"))
+        dst.write(raw)
+        src.advise(mmap.MADV_DONTNEED, at, n * rb_in)
         progress.advance(n * rb_in)
     dst.write(bytes(_pad(t.n_bytes_out, alignment) - t.n_bytes_out))
 
@@ -333,14 +362,18 @@ def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
     partial = out.with_name(out.name + ".partial")
     bar = _Progress(plan, progress)
     try:
-        with open(gf.path, "rb", buffering=0) as src, open(partial, "wb") as dst:
-            dst.write(plan.header)
-            scratch = _Scratch()
-            for t in plan.tensors:
-                bar.tensor(t)
-                _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
-            dst.flush()
-            os.fsync(dst.fileno())
+        src = _Source(gf.path)
+        try:
+            with open(partial, "wb") as dst:
+                dst.write(plan.header)
+                scratch = _Scratch()
+                for t in plan.tensors:
+                    bar.tensor(t)
+                    _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
+                dst.flush()
+                os.fsync(dst.fileno())
+        finally:
+            src.close()
         size = partial.stat().st_size
         if size != plan.output_size:
             raise QuantizeError(f"{partial}: wrote {size} bytes, planned {plan.output_size}")

@@ -7,13 +7,15 @@ in C's evaluation order (a*b*c is (a*b)*c, ints converted to float32 first)
 reproduces its bytes. nearest_int is ggml's magic-number trick (half to even,
 garbage rather than an error for |x| > 2^22, as in C); casts to int8/uint8 wrap.
 """
+import functools
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from .common import QK_K
-from .floats import f16_to_f32, f32_bits
-from .legacy_quantize import fp16_bits
+from .floats import f16_to_f32, f16_to_f32_keep_nan, f32_bits, f32_from_bits
+from .legacy_quantize import F16, F32, fp16_bits, quantize_row as quantize_row_32
 
 Q3_K, Q4_K, Q5_K, Q6_K = int(T.Q3_K), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 _EPS = np.float32(1e-15)  # GROUP_MAX_EPS
@@ -392,7 +394,7 @@ def _block_q6_k(x, xo, o, ob, L, scales, qsc):  # x[xo:xo+256] -> o[ob:ob+210]: 
 
 
 @njit(inline="always", error_model="numpy")
-def _quantize_row(x, o, kind, ts):
+def _quantize_row(x, o, kind, ts):  # x f32[n] -> o u8[n // 256 * ts] in `kind` (Q3_K..Q6_K)
     L = np.empty(x.size, np.int32)  # one row's quants (C keeps one block's)
     Laux = np.empty((2, 32), np.int32)
     wts = np.empty(32, np.float32)
@@ -402,32 +404,49 @@ def _quantize_row(x, o, kind, ts):
     for b in range(x.size // QK_K):
         if kind == Q3_K:
             _block_q3_k(x, b * QK_K, o, b * ts, L, scales, qsc)
-        elif kind == Q4_K:
-            _block_q45_k(x, b * QK_K, o, b * ts, L, Laux, wts, scales, mins, qsc, False)
-        elif kind == Q5_K:
-            _block_q45_k(x, b * QK_K, o, b * ts, L, Laux, wts, scales, mins, qsc, True)
+        elif kind == Q4_K or kind == Q5_K:
+            _block_q45_k(x, b * QK_K, o, b * ts, L, Laux, wts, scales, mins, qsc, kind == Q5_K)
         else:
             _block_q6_k(x, b * QK_K, o, b * ts, L, scales, qsc)
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def quantize_kquant(out, w, kind, ts):  # out u8[n_rows, row_bytes], w f32[n_rows, n_cols], ts = bytes per block
-    for r in prange(w.shape[0]):
-        if kind == Q3_K:
-            _quantize_row(w[r], out[r], Q3_K, ts)
-        elif kind == Q4_K:
-            _quantize_row(w[r], out[r], Q4_K, ts)
-        elif kind == Q5_K:
-            _quantize_row(w[r], out[r], Q5_K, ts)
-        else:
-            _quantize_row(w[r], out[r], Q6_K, ts)
+@njit(inline="always")
+def _to_f32(s, src_kind, x):  # s u8[n * 4|2] in src_kind (F32, F16 or BF16) -> x f32[n]
+    if src_kind == F32:
+        x[:] = s.view(np.float32)
+    elif src_kind == F16:
+        h = s.view(np.uint16)
+        for j in range(x.size):
+            x[j] = f16_to_f32_keep_nan(h[j])
+    else:
+        h = s.view(np.uint16)
+        for j in range(x.size):
+            x[j] = f32_from_bits(np.uint32(h[j]) << np.uint32(16))
+
+
+@functools.cache
+def row_kernel(kind: int):
+    """The parallel row loop for output type `kind`, from F32/F16/BF16 rows in one pass (no f32
+    copy of the tensor). A closure over the int: numba freezes it, so the type branches fold
+    away, and caches one kernel per type (keyed by the closure's value)."""
+    @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+    def quantize_into(out, src, src_kind, ts):  # out u8[n_rows, row_bytes], src u8[n_rows, n_cols * 4|2]; ts bytes/block
+        n_cols = src.shape[1] // (4 if src_kind == F32 else 2)
+        for r in prange(src.shape[0]):
+            x = np.empty(n_cols, np.float32)
+            _to_f32(src[r], src_kind, x)
+            if kind == Q3_K or kind == Q4_K or kind == Q5_K or kind == Q6_K:
+                _quantize_row(x, out[r], kind, ts)
+            else:
+                quantize_row_32(x, out[r], kind, ts)
+    return quantize_into
 
 
 def quantize_rows(qt, w: np.ndarray) -> np.ndarray:
-    """w f32[n_rows, n_cols] -> u8[n_rows, row_bytes] in qt's format (Q3_K, Q4_K, Q5_K or Q6_K)."""
+    """w f32[n_rows, n_cols] -> u8[n_rows, row_bytes] in qt's format (any type row_kernel writes)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
-    if w.ndim != 2 or w.shape[1] % QK_K:
-        raise ValueError(f"{qt.qtype.name}: need f32[n_rows, n_cols] with n_cols % {QK_K} == 0, got {w.shape}")
+    if w.ndim != 2 or w.shape[1] % qt.block_size:
+        raise ValueError(f"{qt.qtype.name}: need f32[n_rows, n_cols] with n_cols % {qt.block_size} == 0, got {w.shape}")
     out = np.empty((w.shape[0], qt.row_bytes(w.shape[1])), np.uint8)
-    quantize_kquant(out, w, int(qt.qtype), qt.type_size)
+    row_kernel(int(qt.qtype))(out, w.view(np.uint8), F32, qt.type_size)
     return out

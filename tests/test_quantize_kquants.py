@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from localmoe.quant import quant_type
-from test_quantize_legacy import KINDS, _ggml_quantize, _rows, _write_model
+from quant_helpers import FLOAT_KINDS, float_rows, ggml_quantize, write_f32_model
 
 pytestmark = pytest.mark.reference
 
@@ -47,10 +47,10 @@ K_KINDS = ["subblock_mix", "positive", "small_grid"]
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     rng = np.random.default_rng(4321)
-    tensors = {f"blk.{i}.ffn_up.weight": _rows(rng, k) for i, k in enumerate(KINDS)}
-    tensors.update({f"blk.{len(KINDS) + i}.ffn_up.weight": _kquant_rows(rng, k) for i, k in enumerate(K_KINDS)})
+    tensors = {f"blk.{i}.ffn_up.weight": float_rows(rng, k) for i, k in enumerate(FLOAT_KINDS)}
+    tensors.update({f"blk.{len(FLOAT_KINDS) + i}.ffn_up.weight": _kquant_rows(rng, k) for i, k in enumerate(K_KINDS)})
     path = tmp_path_factory.mktemp("kquants") / "f32.gguf"
-    _write_model(path, tensors)
+    write_f32_model(path, tensors)
     return path, tensors
 
 
@@ -84,7 +84,7 @@ def test_extreme_magnitudes_match_ggml(qtype):
     x = rng.standard_normal((48, 512)).astype(np.float32)
     x *= np.float32(10.0) ** np.linspace(-44, 30, 48).round()[:, None].astype(np.float32)
     x[0, :4] = [3.4e38, -3.4e38, 1e-45, 0]
-    np.testing.assert_array_equal(quant_type(qtype).quantize(x), _ggml_quantize(qtype, x))  # exact
+    np.testing.assert_array_equal(quant_type(qtype).quantize(x), ggml_quantize(qtype, x))  # exact
 
 
 @settings(max_examples=100, deadline=None)
@@ -92,7 +92,7 @@ def test_extreme_magnitudes_match_ggml(qtype):
        x=arrays(np.float32, (2, 256), elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True)))
 def test_any_finite_rows_match_ggml(qtype, x):
     """Property: for any finite input (hypothesis favours repeats, ties and boundaries) the bytes equal ggml's."""
-    np.testing.assert_array_equal(quant_type(qtype).quantize(x), _ggml_quantize(qtype, x))  # exact
+    np.testing.assert_array_equal(quant_type(qtype).quantize(x), ggml_quantize(qtype, x))  # exact
 
 
 def test_quantize_checks_shape():

@@ -5,9 +5,6 @@ Two oracles: llama_model_quantize on a small F32 GGUF (params.pure, so every
 ggml_quantize_chunk called directly through ctypes for inputs a model file
 cannot carry (NaN, overflow).
 """
-import ctypes
-from pathlib import Path
-
 import gguf
 import llama_cpp
 import numpy as np
@@ -17,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from localmoe.quant import quant_type
+from quant_helpers import FLOAT_KINDS, float_rows, ggml_quantize, write_f32_model
 
 pytestmark = pytest.mark.reference
 
@@ -24,67 +22,13 @@ FTYPE = {T.Q8_0: llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, T.Q4_0: llama_cpp.LLAMA_FTYP
          T.Q4_1: llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, T.Q5_0: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
          T.Q5_1: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1, T.F16: llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
          T.BF16: llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}
-COLS = 256
-
-
-def _rows(rng, kind: str, n: int = 32) -> np.ndarray:
-    """f32[n, COLS] test data of one kind."""
-    x = rng.standard_normal((n, COLS)).astype(np.float32)
-    if kind == "normal":
-        return x
-    if kind == "outliers":
-        x[rng.random(x.shape) < 0.02] *= 100
-        return x
-    if kind == "zero":  # +0 and -0: the sign of d depends on which one the scan keeps
-        return np.where(x < 0, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
-    if kind == "constant":  # every block's values are equal: min == max, both signs
-        return np.repeat(rng.standard_normal((n, 1)).astype(np.float32), COLS, axis=1)
-    if kind == "tiny":  # scales in fp16's subnormal range, and below it (d rounds to 0)
-        return x * np.float32(1e-6) * np.logspace(0, -30, n, dtype=np.float32)[:, None]
-    if kind == "ties":
-        # half-integer grids: x*id lands on .5 exactly (roundf vs rint, truncation of +8.5),
-        # and each block's extreme appears with both signs (first one wins)
-        x = np.round(x * 8) / 2
-        x[:, ::32] = 64
-        x[:, 1::32] = -64
-        x[::2, ::16] = -127
-        return (x * np.float32(2.0) ** rng.integers(-10, 10, (n, 1))).astype(np.float32)
-    if kind == "fp16_edges":  # float -> half rounding: halfway points, near-overflow, subnormals
-        h = rng.integers(0, 0x7BFF, x.shape, dtype=np.uint16).view(np.float16).astype(np.float32)
-        half_ulp = np.spacing(h.astype(np.float16)).astype(np.float32) / 2
-        x = np.where(rng.random(x.shape) < 0.5, h + half_ulp, h - half_ulp) * np.sign(x)
-        x[0, :8] = [65504, 65519.99, -65519.99, 1e-30, 6e-8, 2.9e-8, 3e-8, -0.0]  # no inf: llama.cpp rejects it
-        return x.astype(np.float32)
-    raise ValueError(kind)
-
-
-KINDS = ["normal", "outliers", "zero", "constant", "tiny", "ties", "fp16_edges"]
-
-
-def _write_model(path: Path, tensors: dict) -> None:
-    """A llama-architecture F32 file with just the hparams llama_model_quantize loads."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(len(tensors))
-    w.add_embedding_length(COLS)
-    w.add_context_length(128)
-    w.add_feed_forward_length(COLS)
-    w.add_head_count(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(COLS)
-    for name, a in tensors.items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     rng = np.random.default_rng(1234)
-    tensors = {f"blk.{i}.ffn_up.weight": _rows(rng, k) for i, k in enumerate(KINDS)}
+    tensors = {f"blk.{i}.ffn_up.weight": float_rows(rng, k) for i, k in enumerate(FLOAT_KINDS)}
     path = tmp_path_factory.mktemp("legacy") / "f32.gguf"
-    _write_model(path, tensors)
+    write_f32_model(path, tensors)
     return path, tensors
 
 
@@ -107,22 +51,6 @@ def test_same_bytes_as_llama_model_quantize(source, tmp_path, qtype):
     print(f"{qtype.name}: {same}/{total} blocks identical ({same / total:.4%})")
 
 
-def _ggml():
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
-
-
-def _ggml_quantize(qtype, x: np.ndarray) -> np.ndarray:
-    qt = quant_type(qtype)
-    out = np.zeros((x.shape[0], qt.row_bytes(x.shape[1])), np.uint8)
-    n = _ggml().ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-    assert n == out.size
-    return out
-
-
 @pytest.mark.parametrize("qtype", [T.F16, T.BF16], ids=lambda q: q.name)
 def test_float_conversion_special_values(qtype):
     """NaN payloads/signs, infinities, overflow, subnormals and random bit patterns: exact bits."""
@@ -132,7 +60,7 @@ def test_float_conversion_special_values(qtype):
                                      0x7FFFFFFF, 0x477FF000, 0x477FEFFF, 0x00000001, 0x80000000, 0x33000000,
                                      0x33000001, 0x387FC000, 0x3F808000, 0x3F818000] * 2, np.uint32)])
     x = bits.view(np.float32).reshape(-1, 32)
-    np.testing.assert_array_equal(quant_type(qtype).quantize(x), _ggml_quantize(qtype, x))  # exact
+    np.testing.assert_array_equal(quant_type(qtype).quantize(x), ggml_quantize(qtype, x))  # exact
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda q: q.name)
@@ -143,7 +71,7 @@ def test_block_quantizers_extreme_magnitudes(qtype):
     x = rng.standard_normal((64, 64)).astype(np.float32)
     x *= np.float32(10.0) ** rng.integers(-44, 38, (64, 1)).astype(np.float32)
     x[0, :4] = [3.4e38, -3.4e38, 1e-45, 0]
-    np.testing.assert_array_equal(quant_type(qtype).quantize(x), _ggml_quantize(qtype, x))  # exact
+    np.testing.assert_array_equal(quant_type(qtype).quantize(x), ggml_quantize(qtype, x))  # exact
 
 
 @settings(max_examples=150, deadline=None)
@@ -151,7 +79,7 @@ def test_block_quantizers_extreme_magnitudes(qtype):
        x=arrays(np.float32, (2, 64), elements=st.floats(-1e5, 1e5, width=32, allow_subnormal=True)))
 def test_any_finite_rows_match_ggml(qtype, x):
     """Property: for any finite input (hypothesis favours repeats, ties and boundaries) the bytes equal ggml's."""
-    np.testing.assert_array_equal(quant_type(qtype).quantize(x), _ggml_quantize(qtype, x))  # exact
+    np.testing.assert_array_equal(quant_type(qtype).quantize(x), ggml_quantize(qtype, x))  # exact
 
 
 def test_quantize_checks_shape():
