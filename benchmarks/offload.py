@@ -116,7 +116,7 @@ def worker(a) -> dict:
         c = m.store.stats()["cache"]
         out.update(hit_rate=c["hit_rate"], prefetch_accuracy=c["prefetch_accuracy"],
                    expert_bytes_per_token=c["bytes_read"] / len(timed), plan_bytes=m.plan.resident_bytes)
-        m.store.close()
+        m.close()
     return out
 
 

@@ -276,18 +276,68 @@ def attn_values_serial(out, p, v):  # as attn_values
 SERIAL_ATTN_MACS = 1 << 17  # below this many multiply-adds (n_tok * n_head * n_kv * hd) attention runs on one thread
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float) -> np.ndarray:
+@dataclass(frozen=True)
+class RunBuffers:
+    """Scratch that every forward pass reuses, allocated once per Model from its config: rows
+    for micro-batches of up to n_ub tokens (decode uses the first). Flat buffers hold each call's
+    arrays as C-contiguous prefixes. The memory planner counts `nbytes` of the same shapes."""
+
+    q: np.ndarray          # f32[n_ub, n_head * hd_k]: projections, before RoPE
+    k: np.ndarray          # f32[n_ub, n_head_kv * hd_k]
+    v: np.ndarray          # f32[n_ub, n_head_kv * hd_v]
+    router: np.ndarray     # f32[n_ub, n_expert]: router logits
+    k_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_k]: cached keys 0..n_kv widened for the kernels
+    v_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_v]
+    probs: np.ndarray      # f32[n_ub * n_head * n_ctx]: attention probabilities [n_tok, n_head, n_kv]
+    probs_f16: np.ndarray  # f16[n_ub * n_head * n_ctx]: their fp16 rounding
+    attn_out: np.ndarray   # f32[n_ub * n_head * hd_v]
+
+    @staticmethod
+    def shapes(args, n_ctx: int, n_ub: int) -> dict:
+        """Field -> (shape, dtype) from the model's ModelArgs."""
+        kv_k, kv_v = args.n_head_kv * args.head_dim_k, args.n_head_kv * args.head_dim_v
+        return {"q": ((n_ub, args.n_head * args.head_dim_k), F32), "k": ((n_ub, kv_k), F32),
+                "v": ((n_ub, kv_v), F32), "router": ((n_ub, args.n_expert), F32),
+                "k_f32": ((n_ctx * kv_k,), F32), "v_f32": ((n_ctx * kv_v,), F32),
+                "probs": ((n_ub * args.n_head * n_ctx,), F32), "probs_f16": ((n_ub * args.n_head * n_ctx,), np.float16),
+                "attn_out": ((n_ub * args.n_head * args.head_dim_v,), F32)}
+
+    @classmethod
+    def allocate(cls, args, n_ctx: int, n_ub: int) -> "RunBuffers":
+        return cls(**{n: np.empty(s, dt) for n, (s, dt) in cls.shapes(args, n_ctx, n_ub).items()})
+
+    @classmethod
+    def nbytes(cls, args, n_ctx: int, n_ub: int) -> int:
+        return sum(math.prod(s) * np.dtype(dt).itemsize for s, dt in cls.shapes(args, n_ctx, n_ub).values())
+
+
+def _view(flat: np.ndarray | None, shape, dtype=F32) -> np.ndarray:
+    """[shape] over the first elements of a flat run buffer, or a new array without one."""
+    return np.empty(shape, dtype) if flat is None else flat[:math.prod(shape)].reshape(shape)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float,
+              buf: RunBuffers | None = None) -> np.ndarray:
     """Causal GQA attention of n_tok queries at positions pos0.. over the cache.
 
     q f32[n_tok, n_head, hd]; k_cache/v_cache f16[>= pos0+n_tok, n_head_kv, hd]
-    -> f32[n_tok, n_head * hd_v]. Like ggml's non-flash CPU path, q is rounded to
-    fp16 for K·q and the softmax probabilities to fp16 for the V product.
+    -> f32[n_tok, n_head * hd_v] (a view of buf.attn_out when buf is given). Like ggml's
+    non-flash CPU path, q is rounded to fp16 for K·q and the softmax probabilities to
+    fp16 for the V product.
     """
     n_tok, n_head, _ = q.shape
     n_kv = pos0 + n_tok
     serial = n_tok * n_head * n_kv * q.shape[2] < SERIAL_ATTN_MACS
-    p = np.empty((n_tok, n_head, n_kv), F32)                 # f32[n_tok, n_head, n_kv]
-    (attn_probs_serial if serial else attn_probs)(p, round_f16(q), k_cache[:n_kv].astype(F32), pos0, F32(scale))
-    out = np.empty((n_tok, n_head, v_cache.shape[2]), F32)   # f32[n_tok, n_head, hd_v]
-    (attn_values_serial if serial else attn_values)(out, round_f16(p), v_cache[:n_kv].astype(F32))
+    kf, vf, pf, p16, of = (None,) * 5 if buf is None else (buf.k_f32, buf.v_f32, buf.probs, buf.probs_f16, buf.attn_out)
+    k = _view(kf, (n_kv,) + k_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_k]
+    np.copyto(k, k_cache[:n_kv])
+    v = _view(vf, (n_kv,) + v_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_v]
+    np.copyto(v, v_cache[:n_kv])
+    p = _view(pf, (n_tok, n_head, n_kv))                     # f32[n_tok, n_head, n_kv]
+    (attn_probs_serial if serial else attn_probs)(p, round_f16(q), k, pos0, F32(scale))
+    p16 = _view(p16, p.shape, np.float16)
+    np.copyto(p16, p)
+    np.copyto(p, p16)                                        # p rounded to fp16, in place
+    out = _view(of, (n_tok, n_head, v_cache.shape[2]))       # f32[n_tok, n_head, hd_v]
+    (attn_values_serial if serial else attn_values)(out, p, v)
     return out.reshape(n_tok, -1)

@@ -11,7 +11,7 @@ from localmoe.arch import arch_module
 from localmoe.errors import LocalMoEError, UnsupportedError
 from localmoe.experts import ExpertStore
 from localmoe.kv_cache import KVCache
-from localmoe.layers import rms_norm
+from localmoe.layers import RunBuffers, rms_norm
 from localmoe.weights import load_tensors
 
 DEFAULT_MAX_CTX = 4096
@@ -56,10 +56,29 @@ class Model:
         self.output = getattr(top, "output", top.token_embd)  # tied embeddings when absent
         self.blocks = [mod.Block(a, w, il, self.store) for il, w in enumerate(blocks)]
         self.cache = KVCache(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim_k, a.head_dim_v)
+        self.buffers = RunBuffers.allocate(a, self.n_ctx, min(N_UBATCH, self.n_ctx))
+        for blk in self.blocks:
+            blk.buf = self.buffers
         self.cos, self.sin = a.rope.tables(self.n_ctx,
                                            getattr(top, "rope_freqs", None))  # f32[n_ctx, n_rot/2] each
         self._tokenizer = None
         self.timings = Timings()
+        self.closed = False
+
+    def close(self) -> None:
+        """Release what the model holds outside Python's heap: the expert store's prefetch
+        thread and file descriptor, and the file mapping. Idempotent; forward afterwards raises."""
+        if self.closed:
+            return
+        self.closed = True
+        self.store.close()
+        self.file.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def n_vocab(self) -> int:
@@ -71,6 +90,8 @@ class Model:
         """Append tokens to the cache. Logits f32[n_tok, n_vocab] for each of them, or
         f32[1, n_vocab] for the last one only. Runs in micro-batches of N_UBATCH tokens
         (like llama.cpp's n_ubatch) so attention scratch stays bounded for long prompts."""
+        if self.closed:
+            raise LocalMoEError("the model is closed")
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise LocalMoEError("no tokens to evaluate")

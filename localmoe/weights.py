@@ -60,10 +60,11 @@ class Linear:
         if self.bias is not None:
             out += self.bias
 
-    def __call__(self, x) -> np.ndarray:  # f32[n_tok, n_in] or its Activation -> f32[n_tok, n_out]
+    def __call__(self, x, out: np.ndarray | None = None) -> np.ndarray:
+        """x f32[n_tok, n_in] or its Activation -> f32[n_tok, n_out]: `out` (e.g. run buffer rows) or a new array."""
         if not isinstance(x, Activation):
             x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((x.shape[0], self.n_out), np.float32)
+        out = np.empty((x.shape[0], self.n_out), np.float32) if out is None else out
         self.matmul_into(out, x)
         return out
 

@@ -161,7 +161,7 @@ def test_logits_bit_identical_under_eviction(llama, reference, policy, extra_slo
         assert st["demand_loads"] + st["prefetch_loads"] > n_slots  # the cache did evict
         assert st["bytes_read"] >= st["demand_loads"] * min(le.expert_bytes for le in fp.layers)
     finally:
-        m.store.close()
+        m.close()
 
 
 def test_shared_pool_and_dense_layers_bit_identical(llama4):
@@ -173,7 +173,7 @@ def test_shared_pool_and_dense_layers_bit_identical(llama4):
         got = batch_and_steps(m)
         assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]), "tolerance: bit-exact"
     finally:
-        m.store.close()
+        m.close()
 
 
 def test_deepseek_shared_experts_and_dense_lead_bit_identical():
@@ -186,7 +186,7 @@ def test_deepseek_shared_experts_and_dense_lead_bit_identical():
     try:
         assert np.array_equal(m.eval(TOKENS), ref), "tolerance: bit-exact"
     finally:
-        m.store.close()
+        m.close()
 
 
 # --- prefetch ------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_prefetch_runs_during_decode(llama):
         assert c["predicted_total"] == len(TOKENS) * probe.args.n_expert_used
         assert c["prefetch_loads"] > 0 and 0 <= c["prefetch_accuracy"] <= 1
     finally:
-        m.store.close()
+        m.close()
 
 
 # --- statistics and profiles ---------------------------------------------------------
@@ -257,7 +257,7 @@ def test_profile_warm_start(llama, tmp_path):
     save_stats(tmp_path / "p.json", cold.store.stats())
     counts = cold.store.counts.copy()
     cold_loads = cold.store.stats()["cache"]["demand_loads"]
-    cold.store.close()
+    cold.close()
     warm = load(llama, n_ctx=N_CTX, ram_budget=budget, prefetch=False, expert_profile=tmp_path / "p.json")
     try:
         for il, cache in warm.store.caches.items():
@@ -266,7 +266,7 @@ def test_profile_warm_start(llama, tmp_path):
         warm.eval(TOKENS)
         assert warm.store.stats()["cache"]["demand_loads"] < cold_loads
     finally:
-        warm.store.close()
+        warm.close()
 
 
 def test_options_need_a_budget(llama):

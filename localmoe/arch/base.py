@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
-from localmoe.layers import Rope, apply_rope, attention, matvec_f32_vec_dot, rms_norm, sigmoid, softmax
+from localmoe.layers import Rope, RunBuffers, apply_rope, attention, matvec_f32_vec_dot, rms_norm, sigmoid, softmax
 from localmoe.moe import moe_ffn
 from localmoe.weights import Activation
 
@@ -103,12 +103,13 @@ class ModelArgs:
                     n_ctx_orig=int(_scalar(g, "rope.scaling.original_context_length", n_ctx_train)))
 
 
-def router_logits(gate, x: np.ndarray) -> np.ndarray:
-    """gate x for the router weights `gate` (Linear) and x f32[n_tok, n_embd]. One token with F32
-    weights goes through ggml_vec_dot_f32's order, as in llama.cpp (its batches match the Linear)."""
+def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """gate x f32[n_tok, n_expert] (into `out` when given) for the router weights `gate` (Linear) and
+    x f32[n_tok, n_embd]. One token with F32 weights goes through ggml_vec_dot_f32's order, as in
+    llama.cpp (its batches match the Linear)."""
     if x.shape[0] != 1 or gate.qtype != GGMLQuantizationType.F32 or gate.bias is not None:
-        return gate(x)
-    out = np.empty((1, gate.n_out), np.float32)
+        return gate(x, out)
+    out = np.empty((1, gate.n_out), np.float32) if out is None else out
     matvec_f32_vec_dot(out[0], np.ascontiguousarray(x[0]), gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in))
     return out
 
@@ -134,6 +135,7 @@ class Block:
     block's tensors under their GGUF names (attn_q, ffn_gate_inp, ...)."""
 
     required = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")
+    buf: RunBuffers | None = None  # the Model's scratch (Model sets it); None: new arrays per call
 
     def __init__(self, args: ModelArgs, w, il: int, store):
         self.args, self.w, self.il, self.store = args, w, il, store
@@ -154,16 +156,16 @@ class Block:
 
     def attention(self, x, cache, cos, sin) -> np.ndarray:
         a, w = self.args, self.w
-        n_tok = x.shape[0]
+        n_tok, buf = x.shape[0], self.buf
         x = Activation(x)  # q, k and v share x's conversion when their types do
-        q = w.attn_q(x).reshape(n_tok, a.n_head, a.head_dim_k)
-        k = w.attn_k(x).reshape(n_tok, a.n_head_kv, a.head_dim_k)
-        v = w.attn_v(x).reshape(n_tok, a.n_head_kv, a.head_dim_v)
+        q = w.attn_q(x, None if buf is None else buf.q[:n_tok]).reshape(n_tok, a.n_head, a.head_dim_k)
+        k = w.attn_k(x, None if buf is None else buf.k[:n_tok]).reshape(n_tok, a.n_head_kv, a.head_dim_k)
+        v = w.attn_v(x, None if buf is None else buf.v[:n_tok]).reshape(n_tok, a.n_head_kv, a.head_dim_v)
         q, k = self.qk_norm(q, k)
         apply_rope(q, cos, sin, a.rope.neox)
         apply_rope(k, cos, sin, a.rope.neox)
         cache.store(self.il, k, v)
-        o = attention(q, cache.k[self.il], cache.v[self.il], cache.n_past, a.kq_scale)
+        o = attention(q, cache.k[self.il], cache.v[self.il], cache.n_past, a.kq_scale, buf)
         return w.attn_output(o)
 
     def ffn(self, x: np.ndarray) -> np.ndarray:
@@ -172,5 +174,6 @@ class Block:
     def routed_experts(self, x: np.ndarray, gating: str, norm: bool) -> np.ndarray:
         """The routed-expert sum for x f32[n_tok, n_embd], routing per `route_topk`."""
         a = self.args
-        ids, wts = route_topk(router_logits(self.w.ffn_gate_inp, x), a.n_expert_used, gating, norm, a.expert_weights_scale)
+        logits = router_logits(self.w.ffn_gate_inp, x, None if self.buf is None else self.buf.router[:x.shape[0]])
+        ids, wts = route_topk(logits, a.n_expert_used, gating, norm, a.expert_weights_scale)
         return moe_ffn(self.store, self.il, x, ids, wts)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from localmoe.errors import LocalMoEError
+from localmoe.layers import RunBuffers
 
 from .budget import format_size
 
@@ -92,10 +93,11 @@ def footprint(gguf_file, args, n_ctx: int) -> Footprint:
     # fp16 K and V for every layer and position (localmoe.kv_cache.KVCache)
     kv = args.n_layer * n_ctx * args.n_head_kv * (args.head_dim_k + args.head_dim_v) * 2
     ub = min(N_UBATCH, n_ctx)
-    hd = max(args.head_dim_k, args.head_dim_v)
-    attn = ub * args.n_head * n_ctx * 4 * 2 + n_ctx * args.n_head_kv * hd * 4 * 2  # probs (+f16-rounded copy), K/V in f32
-    acts = ub * 4 * (8 * n_embd + 3 * n_ff * max(args.n_expert_used, 1) + 2 * args.n_head * hd + args.n_vocab)
-    return Footprint(non_expert, kv, attn + acts, layers, args.n_expert, args.n_expert_used, n_ctx)
+    # the Model's RunBuffers, and the arrays made per micro-batch: residual stream and norms,
+    # expert hidden states and outputs, logits
+    acts = ub * 4 * (8 * n_embd + 3 * n_ff * max(args.n_expert_used, 1) + args.n_vocab)
+    return Footprint(non_expert, kv, RunBuffers.nbytes(args, n_ctx, ub) + acts, layers, args.n_expert,
+                     args.n_expert_used, n_ctx)
 
 
 @dataclass
