@@ -49,7 +49,7 @@ def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_
         session = ChatSession(model_, system=system, max_tokens=n_predict, temperature=temp, top_k=top_k,
                               top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     except BaseException:
-        model_.store.close()
+        model_.close()
         raise
     session.warm_up_async()
     try:

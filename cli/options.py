@@ -1,5 +1,18 @@
 """Options shared by the commands that generate text (run, chat)."""
+import re
+
 import click
+
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"'": b"'", b'"': b'"', b"\\": b"\\"}
+
+
+def process_escapes(text: str) -> str:
+    """llama.cpp's -e (on by default there): \\n \\r \\t \\' \\" \\\\ and \\xHH; other escapes stay as typed."""
+    def one(m):
+        esc = m.group(1)
+        return bytes([int(esc[1:], 16)]) if len(esc) == 3 else _ESCAPES.get(esc, b"\\" + esc)
+    raw = re.sub(rb"\\(x[0-9a-fA-F]{2}|.)", one, text.encode("utf-8", "surrogateescape"), flags=re.S)
+    return raw.decode("utf-8", "replace")
 
 
 def stack_options(f, opts):

@@ -23,6 +23,6 @@ def perplexity_cmd(model, file, n_ctx, n_chunks, threads):
             click.echo(f"[{i}]{ppl:.4f},", nl=False)
         r = perplexity(m, text, n_ctx=n_ctx, n_chunks=n_chunks, progress=show)
     finally:
-        m.store.close()
+        m.close()
     click.echo()
     click.echo(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")

@@ -1,13 +1,15 @@
 """`localmoe run [MODEL] -p TEXT`: stream a completion to stdout, speeds to stderr."""
 import click
 
-from .options import sampling_options
+from .options import process_escapes, sampling_options
 from .plan import offload_kwargs, offload_options, report_stats
 
 
 @click.command("run")
 @click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to complete.")
+@click.option("-e/-E", "--escape/--no-escape", default=True, show_default=True,
+              help="Turn \\n, \\t, \\xHH ... in the prompt and stop strings into characters, as llama.cpp does.")
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=click.IntRange(min=0),
               help="Maximum number of tokens to generate.")
 @sampling_options
@@ -15,13 +17,15 @@ from .plan import offload_kwargs, offload_options, report_stats
               help="Context length (default: min(training context, 4096)).")
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
 @offload_options
-def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
+def run_cmd(model, prompt, escape, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
             n_expert_used, n_ctx, stop, ram_budget, cache_policy, expert_profile, no_prefetch, show_stats,
             stats_out):
     """Generate text from MODEL (default: the shipped Shakespeare model), streaming tokens as they come."""
     from localmoe.model import load
     from localmoe.shipped import default_model_path
     model = model or default_model_path()
+    if escape:
+        prompt, stop = process_escapes(prompt), [process_escapes(s) for s in stop]
     m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used,
              **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch))
     for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
@@ -32,7 +36,7 @@ def run_cmd(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
     click.echo(f"prompt: {t.n_prompt} tokens, {_rate(t.n_prompt, t.t_prompt)} | "
                f"decode: {t.n_decode} tokens, {_rate(t.n_decode, t.t_decode)}", err=True)
     report_stats(m, show_stats, stats_out)
-    m.store.close()
+    m.close()
 
 
 def _rate(n: int, secs: float) -> str:

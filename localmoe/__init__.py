@@ -38,7 +38,7 @@ def _opened(model_or_path, **load_opts):
     try:
         yield m
     finally:
-        m.store.close()
+        m.close()
 
 
 def generate(model_or_path, prompt: str, stream: bool = False, **sampling):

@@ -240,7 +240,7 @@ class ChatSession:
         self._truncate(keep)
         reply.n_reused = keep
         detok = Detokenizer(tok)
-        stops = StopStrings([FALLBACK_STOP] if self.template.is_fallback else [])
+        stops = StopStrings(self._stops)
         counts0 = m.store.counts.copy()
         pieces: list[str] = []
         try:
@@ -284,6 +284,16 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": reply.text})
             self._truncate(m.cache.n_past)  # an interrupted forward may have stored less
 
+    @property
+    def _stops(self) -> list[str]:
+        """Where a reply ends besides an end-of-generation token: a turn suffix in plain text
+        (a model trained without end-of-turn tokens writes it), or the fallback's next turn."""
+        if self.template.is_fallback:
+            return [FALLBACK_STOP]
+        end = self.template.turn_end()
+        specials = self.tokenizer.special_token_texts(True)
+        return [end] if end and not any(t in end for t in specials) else []
+
     def _forward(self, new: list[int]) -> np.ndarray:
         """Evaluate new tokens after the cache; the last one's logits f32[n_vocab]."""
         self._cached += new
@@ -308,10 +318,10 @@ class ChatSession:
         self._warm.start()
 
     def close(self) -> None:
-        """Release the model's expert store, after any warm-up still running on it."""
+        """Close the model (Model.close), after any warm-up still running on it."""
         if self._warm is not None:
             self._warm.join()
-        self.model.store.close()
+        self.model.close()
 
     def _ready(self) -> None:
         if self._warm is not None:

@@ -86,6 +86,17 @@ class ChatTemplate:
         except Exception as e:  # a template is arbitrary code: any failure is the template's
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
+    def turn_end(self) -> str:
+        """The text the template writes after an assistant message, e.g. '<|im_end|>\\n', or
+        '\\n\\n' for a template whose turns end in plain text (no end-of-turn token to stop at)."""
+        mark = "\ue000reply\ue000"  # private-use text no template rewrites
+        try:
+            out = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                              add_generation_prompt=False)
+        except ChatTemplateError:
+            return ""
+        return out.split(mark, 1)[1] if mark in out else ""
+
     @classmethod
     def from_metadata(cls, metadata, tokenizer=None) -> "ChatTemplate":
         """From GGUF metadata; bos/eos text from the tokenizer's vocab when given."""

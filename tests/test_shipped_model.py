@@ -76,3 +76,27 @@ def test_chat_without_model_uses_the_shipped_one():
     res = CliRunner().invoke(main, ["chat", "-n", "6", "--temp", "0"], input=f"{msg}\n/bye\n")
     assert res.exit_code == 0, res.output
     assert want and res.stdout == want + "\n"
+
+
+def test_prompt_escapes_follow_llama_cpp():
+    """llama.cpp's -e (default on): known escapes become characters, unknown ones stay as typed."""
+    from localmoe.cli.options import process_escapes
+    cases = {r"a\nb\tc": "a\nb\tc", r"\\n": "\\n", "x\\": "x\\", r"\q": r"\q", r"\x41\x4": r"A\x4",
+             r"\'\"": "'\"", r"\xc3\xa9": "é"}
+    assert {k: process_escapes(k) for k in cases} == cases
+
+
+def test_chat_reply_ends_at_the_turn_break():
+    """The model has no end-of-turn token: its template ends turns with a blank line, so a reply
+    stops there (ChatML-style templates end turns with a special token and get no text stop)."""
+    from localmoe.chat import ChatSession
+    from localmoe.chat_template import ChatTemplate
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert ChatTemplate(chatml).turn_end() == "<|im_end|>\n"
+    with localmoe.load(default_model_path()) as m:
+        s = ChatSession(m, temperature=0, max_tokens=200)
+        reply = s.send("Who art thou?")
+        text = "".join(reply)
+        assert reply.stop_reason == "end" and "\n\n" not in text and text.strip(), repr(text)
+        assert len(text) < 400, "the reply ran past the turn break"
