@@ -14,6 +14,8 @@ Two styles of block kernel:
   intrinsics where the CPU numba compiles for has them (`SIMD`), on 64-byte
   vectors with AVX-512BW, else the same arithmetic in generic IR.
 """
+import types as pytypes
+
 import numba
 import numpy as np
 from llvmlite import binding as ll
@@ -293,27 +295,44 @@ def decode_scratch(n_tok, nb):
 
 
 
-def make_matvec_experts(row, n_scratch):
-    """njit kernel matvec_experts(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
+def specialise(template, name: str, **bound):
+    """njit(cache=True, nogil=True, parallel=True) kernel of a copy of the plain function `template`
+    in which the names in `bound` (the inline kernels it calls) are globals.
+
+    Why not a closure: numba keys a cached closure on its pickled cell contents, and a dispatcher
+    or intrinsic pickles with a per-process id, so a closure over another kernel recompiled in
+    every process (seconds at each start). The copy is named `name` (its own cache index) and
+    claims the file of the first bound dispatcher, so editing that file invalidates its cache."""
+    src = next((v.py_func.__code__.co_filename for v in bound.values() if hasattr(v, "py_func")),
+               template.__code__.co_filename)
+    fn = pytypes.FunctionType(template.__code__.replace(co_name=name, co_filename=src),
+                              {**template.__globals__, **bound}, name)
+    fn.__qualname__, fn.__module__ = name, template.__module__
+    return njit(cache=True, nogil=True, parallel=True)(fn)
+
+
+def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matvec_experts; out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
+    n_mat, n_sel, n_rows = out.shape
+    n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
+    counter = np.zeros(1, np.int64)
+    for _ in prange(n_par):
+        scratch = np.empty(N_SCRATCH, np.float32)  # noqa: F821 (bound by specialise)
+        i = take_next(counter)
+        while i < n_mat * n_sel * n_chunks:
+            ms, c = i // n_chunks, i % n_chunks
+            m, s = ms // n_sel, ms % n_sel
+            w = ws[m][sel[s]]
+            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
+                out[m, s, r] = row(w, r, act, xrow[s], scratch)  # noqa: F821 (bound by specialise)
+            i = take_next(counter)
+
+
+def make_matvec_experts(row, n_scratch: int, name: str):
+    """Kernel `name`(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
     for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
     MATVEC_CHUNK at a time from a shared counter. `row(w, r, act, t, scratch)` is one row's dot with
     token t of the prepared activation tuple `act`; scratch: f32[n_scratch] per thread."""
-    @njit(cache=True, nogil=True, parallel=True)
-    def matvec_experts(out, act, ws, sel, xrow, n_par):  # out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
-        n_mat, n_sel, n_rows = out.shape
-        n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
-        counter = np.zeros(1, np.int64)
-        for _ in prange(n_par):
-            scratch = np.empty(n_scratch, np.float32)
-            i = take_next(counter)
-            while i < n_mat * n_sel * n_chunks:
-                ms, c = i // n_chunks, i % n_chunks
-                m, s = ms // n_sel, ms % n_sel
-                w = ws[m][sel[s]]
-                for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                    out[m, s, r] = row(w, r, act, xrow[s], scratch)
-                i = take_next(counter)
-    return matvec_experts
+    return specialise(_matvec_experts, name, row=row, N_SCRATCH=n_scratch)
 
 
 def check_expert_stacks(qt, out, act, stacks, sel, xrow):

@@ -122,7 +122,7 @@ def _expert_row_q3_k(w, r, act, t, lanes):
     return _row_q3_k(w, r, act[0], act[1], t, lanes)
 
 
-matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 8)
+matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 8, "matvec_experts_q3_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)

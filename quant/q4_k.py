@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from .base import QuantType
 from .common import QK_K, q8_k_activation, read_f16, take_next
 from .kquant import (I16, I32, MATVEC_CHUNK, SIMD, Vec, c_matrix, check_expert_stacks, make_matvec_experts, row_ptr,
-                     splat, vec)
+                     specialise, splat, vec)
 
 
 @njit(inline="always")
@@ -118,6 +118,26 @@ def block_dot_k45(five, simd=SIMD):
     return dot
 
 
+def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`); out f32[n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
+    n_rows = w.shape[0]
+    counter = np.zeros(1, np.int64)
+    for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
+        acc = np.empty(2, np.float32)
+        c = take_next(counter)
+        while c * MATVEC_CHUNK < n_rows:
+            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
+                out[r] = row(w, r, xq, d8, bs32, 0, acc)  # noqa: F821 (bound by specialise)
+            c = take_next(counter)
+
+
+def _matmul(out, xq, d8, bs32, w):  # template (make_kernels binds `row`); out f32[n_tok, n_rows], xq i8[n_tok, n], d8 f32[n_tok, n//256], bs32 i32[n_tok, n//32], w u8[n_rows, row_bytes]
+    # per token the same float32 operations as matvec: bit-identical results
+    for r in prange(w.shape[0]):
+        acc = np.empty(2, np.float32)
+        for t in range(out.shape[0]):
+            out[t, r] = row(w, r, xq, d8, bs32, t, acc)  # noqa: F821 (bound by specialise)
+
+
 def make_kernels(five):
     """(matvec, matmul, dequantize, matvec_experts) njit kernels for Q4_K (five=False) or Q5_K.
 
@@ -133,25 +153,8 @@ def make_kernels(five):
             dot(w, r, b * ts, xq, bs32, t, b * QK_K, b * 8, d8[t, b], acc)
         return acc[0] + acc[1]
 
-    @njit(cache=True, nogil=True, parallel=True)
-    def matvec(out, xq, d8, bs32, w, n_par):  # out f32[n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
-        n_rows = w.shape[0]
-        counter = np.zeros(1, np.int64)
-        for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
-            acc = np.empty(2, np.float32)
-            c = take_next(counter)
-            while c * MATVEC_CHUNK < n_rows:
-                for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                    out[r] = row(w, r, xq, d8, bs32, 0, acc)
-                c = take_next(counter)
-
-    @njit(cache=True, nogil=True, parallel=True)
-    def matmul(out, xq, d8, bs32, w):  # out f32[n_tok, n_rows], xq i8[n_tok, n], d8 f32[n_tok, n//256], bs32 i32[n_tok, n//32], w u8[n_rows, row_bytes]
-        # per token the same float32 operations as matvec: bit-identical results
-        for r in prange(w.shape[0]):
-            acc = np.empty(2, np.float32)
-            for t in range(out.shape[0]):
-                out[t, r] = row(w, r, xq, d8, bs32, t, acc)
+    tag = "q5_k" if five else "q4_k"
+    matvec, matmul = (specialise(f, f"{f.__name__[1:]}_{tag}", row=row) for f in (_matvec, _matmul))
 
     @njit(cache=True, nogil=True, parallel=True)
     def dequantize(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
@@ -177,7 +180,7 @@ def make_kernels(five):
     def expert_row(w, r, act, t, acc):
         return row(w, r, act[0], act[1], act[2], t, acc)
 
-    return matvec, matmul, dequantize, make_matvec_experts(expert_row, 2)
+    return matvec, matmul, dequantize, make_matvec_experts(expert_row, 2, f"matvec_experts_{tag}")
 
 
 def with_32_sums(qs, d8, bsums):

@@ -71,7 +71,7 @@ def _expert_row_q6_k(w, r, act, t, scratch):
     return _row_q6_k(w, r, act[0], act[1], t)
 
 
-matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, 0)
+matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, 0, "matvec_experts_q6_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
