@@ -20,19 +20,71 @@ def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp overflow for x << 0 correctly gives -0
-        return x / (F32(1.0) + np.exp(-x))
+    """x / (1 + exp(-x)) as ggml_vec_silu_f32 (and swiglu) compute it on AVX-512: ggml_v_expf on
+    16-wide chunks, libm expf on the tail. A 1-ulp difference from np.exp here is enough to flip
+    the rounding of the next Q8_0/Q8_K activation quantization now and then."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    _silu_rows(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _silu_rows(out, x):  # out, x f32[n_rows, n]
+    n = x.shape[1]
+    n_vec = n - n % 16
+    for r in range(x.shape[0]):
+        for i in range(n):
+            v = x[r, i]
+            e = _v_expf(-v) if i < n_vec else np.float32(math.exp(-v))
+            out[r, i] = v / (np.float32(1.0) + e)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return F32(1.0) / (F32(1.0) + np.exp(-x))
+    """1 / (1 + expf(-x)) with libm's expf, as ggml_vec_sigmoid_f32 (numpy's float32 exp differs in the last bit)."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    _sigmoid_flat(out.reshape(-1), x.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _sigmoid_flat(out, x):  # out, x f32[n]
+    for i in range(x.size):
+        out[i] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[i])))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """Row softmax over the last axis, sum in float64 (ggml_soft_max)."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e * (1.0 / e.sum(axis=-1, dtype=np.float64, keepdims=True)).astype(F32)
+    """Row softmax over the last axis as ggml_soft_max computes it (ggml_vec_soft_max_f32)."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    _softmax_rows(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _softmax_rows(out, x):  # out, x f32[n_rows, n]
+    """exp(x - max): ggml_v_expf on 16-wide chunks, each chunk summed in float32 (_reduce16) then
+    added in float64; the tail through libm expf, added in float64; then scaled by float32(1 / sum)."""
+    n = x.shape[1]
+    n_vec = n - n % 16
+    lanes = np.empty(16, np.float32)
+    for r in range(x.shape[0]):
+        m = np.float32(-np.inf)
+        for i in range(n):
+            m = max(m, x[r, i])
+        total = 0.0
+        for i0 in range(0, n_vec, 16):
+            for l in range(16):
+                lanes[l] = _v_expf(x[r, i0 + l] - m)
+                out[r, i0 + l] = lanes[l]
+            total += _reduce16(lanes)
+        for i in range(n_vec, n):
+            out[r, i] = np.float32(math.exp(x[r, i] - m))
+            total += out[r, i]
+        inv = np.float32(1.0 / total)
+        for i in range(n):
+            out[r, i] *= inv
 
 
 @dataclass(frozen=True)

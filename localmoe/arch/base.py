@@ -124,7 +124,9 @@ def route_topk(logits: np.ndarray, k: int, gating: str, norm: bool, scale: float
     ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
     if norm:
-        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+        # ggml_sum_rows adds in float64 (ggml_vec_sum_f32), then rounds once
+        total = w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+        w = w / np.maximum(total, np.float32(6.103515625e-5))
     if scale not in (0.0, 1.0):
         w = w * np.float32(scale)
     return ids, w.astype(np.float32)

@@ -131,7 +131,7 @@ def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs):
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
     if a.expert_weights_norm:
-        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32), np.float32(6.103515625e-5))
     if a.expert_weights_scale not in (0.0, 1.0):
         w = w * np.float32(a.expert_weights_scale)
     return ids, w.astype(np.float32)

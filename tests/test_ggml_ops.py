@@ -1,0 +1,111 @@
+"""The element-wise ops of the MoE FFN and router, bit-exact against ggml's CPU ops.
+
+llama.cpp's silu/swiglu and soft_max use ggml_v_expf (a polynomial, not libm expf) on 16-wide
+chunks. A last-bit difference there flips the rounding of the next Q8_0 activation now and then,
+and greedy decodes part (benchmarks/parting.py). ggml is called through ctypes on
+llama-cpp-python's libggml, in a plain context computed by ggml_graph_compute_with_ctx."""
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localmoe.arch.base import route_topk
+from localmoe.layers import sigmoid, silu, softmax
+
+pytestmark = pytest.mark.reference
+
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Init(ctypes.Structure):  # struct ggml_init_params (ggml.h)
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    import llama_cpp
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    sigs = {(base, "ggml_init"): ([_Init], P), (base, "ggml_free"): ([P], None),
+            (base, "ggml_new_tensor_2d"): ([P, ctypes.c_int, I64, I64], P), (base, "ggml_get_data"): ([P], P),
+            (base, "ggml_silu"): ([P, P], P), (base, "ggml_sigmoid"): ([P, P], P), (base, "ggml_soft_max"): ([P, P], P),
+            (base, "ggml_swiglu_split"): ([P, P, P], P), (base, "ggml_sum_rows"): ([P, P], P),
+            (base, "ggml_new_graph"): ([P], P), (base, "ggml_build_forward_expand"): ([P, P], None),
+            (cpu, "ggml_graph_compute_with_ctx"): ([P, P, ctypes.c_int], ctypes.c_int)}
+    lib = {}
+    for (so, name), (args, res) in sigs.items():
+        f = getattr(so, name)
+        f.argtypes, f.restype = args, res
+        lib[name] = f
+    return lib
+
+
+def run_op(g, op: str, *arrays: np.ndarray) -> np.ndarray:
+    """ggml `op` of f32[rows, n] inputs (ggml ne = (n, rows)), computed on 2 threads."""
+    ctx = g["ggml_init"](_Init(64 << 20, None, False))
+    try:
+        ts = []
+        for a in arrays:
+            t = g["ggml_new_tensor_2d"](ctx, 0, a.shape[1], a.shape[0])  # GGML_TYPE_F32
+            ctypes.memmove(g["ggml_get_data"](t), np.ascontiguousarray(a, np.float32).ctypes.data, a.nbytes)
+            ts.append(t)
+        out = g[op](ctx, *ts)
+        graph = g["ggml_new_graph"](ctx)
+        g["ggml_build_forward_expand"](graph, out)
+        assert g["ggml_graph_compute_with_ctx"](ctx, graph, 2) == 0
+        n_out = 1 if op == "ggml_sum_rows" else arrays[0].shape[1]
+        y = np.empty((arrays[0].shape[0], n_out), np.float32)
+        ctypes.memmove(y.ctypes.data, g["ggml_get_data"](out), y.nbytes)
+        return y
+    finally:
+        g["ggml_free"](ctx)
+
+
+def _wide(rng, rows, n):
+    """Values across the ranges an FFN sees, plus the edges of ggml_v_expf (|x| > 88 overflows
+    expf, |n| > 126 and > 192 switch its paths) and signed zeros."""
+    x = (rng.standard_normal((rows, n)) * np.float32(3)).astype(np.float32)
+    edges = np.array([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 87.5, -87.5, 89.0, -89.0, 104.0, -104.0,
+                      130.0, -130.0, 200.0, -200.0], np.float32)
+    x.reshape(-1)[:edges.size] = edges
+    return x
+
+
+@pytest.mark.parametrize("n", [16, 80, 83, 512, 7])   # whole 16-wide chunks, chunks + a tail, tail only
+def test_silu_bit_exact(ggml, n):
+    x = _wide(np.random.default_rng(n), 64, n)
+    ref = run_op(ggml, "ggml_silu", x)
+    assert np.array_equal(silu(x).view(np.uint32), ref.view(np.uint32)), "silu differs from ggml_silu (tol: 0 ulp)"
+
+
+@pytest.mark.parametrize("n", [1, 64, 256])         # qwen2moe's shared-expert gate, DeepSeek-V3's router
+def test_sigmoid_bit_exact(ggml, n):
+    x = _wide(np.random.default_rng(n), 64, n) if n >= 16 else np.linspace(-30, 30, 64, dtype=np.float32)[:, None]
+    ref = run_op(ggml, "ggml_sigmoid", x)
+    assert np.array_equal(sigmoid(x).view(np.uint32), ref.view(np.uint32)), "sigmoid vs ggml_sigmoid (tol: 0 ulp)"
+
+
+def test_swiglu_bit_exact(ggml):
+    rng = np.random.default_rng(1)
+    g, u = _wide(rng, 32, 512), (rng.standard_normal((32, 512)) * 2).astype(np.float32)
+    ref = run_op(ggml, "ggml_swiglu_split", g, u)
+    assert np.array_equal((silu(g) * u).view(np.uint32), ref.view(np.uint32)), "silu(g) * u vs ggml_swiglu_split (tol: 0 ulp)"
+
+
+@pytest.mark.parametrize("n", [8, 60, 64, 128])      # Mixtral/OLMoE/DeepSeek/Qwen3 expert counts
+def test_router_softmax_bit_exact(ggml, n):
+    logits = (np.random.default_rng(n).standard_normal((64, n)) * 4).astype(np.float32)
+    ref = run_op(ggml, "ggml_soft_max", logits)
+    assert np.array_equal(softmax(logits).view(np.uint32), ref.view(np.uint32)), "softmax vs ggml_soft_max (tol: 0 ulp)"
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 8])
+def test_weight_renormalisation_bit_exact(ggml, k):
+    """build_moe_ffn's norm_w: weights / clamp(sum_rows(weights)); sum_rows adds in float64."""
+    logits = (np.random.default_rng(k).standard_normal((256, 64)) * 4).astype(np.float32)
+    ids, w = route_topk(logits, k, "softmax", norm=True, scale=1.0)
+    picked = np.take_along_axis(softmax(logits), ids, axis=-1)
+    ref = picked / np.maximum(run_op(ggml, "ggml_sum_rows", picked), np.float32(6.103515625e-5))
+    assert np.array_equal(w.view(np.uint32), ref.view(np.uint32)), "normalised weights (tol: 0 ulp)"
