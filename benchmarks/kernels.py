@@ -5,8 +5,9 @@
 For each type and MoE-sized shape (rows x cols) it prints the weight GB/s of
 localmoe's `matvec_into` and of ggml_mul_mat (llama-cpp-python's libggml, via
 ctypes) at each thread count, next to the machine's read bandwidth measured
-in the same run (numba streaming sum over >= 1 GiB, re-measured before each
-type because a shared machine's bandwidth drifts) and the % of that roofline.
+in the same run (numba streaming sum over >= 1 GiB, re-measured right before
+each timing, because a shared machine's bandwidth drifts: between 40 and 76
+GB/s at 2 threads within minutes here) and the % of that roofline.
 Weights rotate through several copies (>= --min-mib in total) so that every
 call reads from DRAM, not from the 32 MiB L3.
 """
@@ -72,7 +73,7 @@ def time_per_call(run, k: int, rounds: int) -> float:
     return median_time(one_pass, rounds) / k
 
 
-def bench_shape(qt, n_rows, n_cols, threads, roof, args, rng) -> list[list]:
+def bench_shape(qt, n_rows, n_cols, threads, stream, args, rng) -> list[list]:
     one = make_weights(qt, n_rows, n_cols, rng)
     k = max(2, math.ceil(args.min_mib * 2**20 / one.nbytes))
     copies = [one] + [make_weights(qt, n_rows, n_cols, rng) for _ in range(k - 1)]
@@ -80,10 +81,11 @@ def bench_shape(qt, n_rows, n_cols, threads, roof, args, rng) -> list[list]:
     out = np.empty(n_rows, dtype=np.float32)
     rows = []
     for n in threads:
+        roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
         with numba_threads(n):
             t_ours = time_per_call(lambda i: qt.matvec_into(out, x, copies[i]), k, args.rounds)
         ours = one.nbytes / t_ours / GB
-        rows.append([f"{n_rows}x{n_cols}", one.nbytes / 2**20, k, n, roof[n], ours, 100 * ours / roof[n]])
+        rows.append([f"{n_rows}x{n_cols}", one.nbytes / 2**20, k, n, roof, ours, 100 * ours / roof])
     with numba_threads(threads[0]):
         qt.matvec_into(out, x, copies[0])
     if args.no_ggml:
@@ -96,8 +98,9 @@ def bench_shape(qt, n_rows, n_cols, threads, roof, args, rng) -> list[list]:
             continue
         try:
             for row, n in zip(rows, threads):
+                roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
                 theirs = one.nbytes / time_per_call(lambda i: ggml.run(i, n), k, args.rounds) / GB
-                row += [theirs, 100 * theirs / roof[n]]
+                row += [theirs, 100 * theirs / roof]
             ggml.run(0, threads[0])
             ref = ggml.result(0)
         finally:
@@ -127,8 +130,9 @@ def main(argv=None):
         raise SystemExit(f"unknown types {unknown}; choose from {','.join(TYPES)}")
 
     stream = stream_array(args.stream_gib)
-    print(f"roof = read bandwidth, re-measured before each type's table: numba streaming sum over "
-          f"{args.stream_gib:g} GiB, median of {args.rounds}.")
+    print(f"roof = read bandwidth, re-measured right before each timing: numba streaming sum over "
+          f"{args.stream_gib:g} GiB, median of {args.rounds};\n  each '% roof' is against the roof measured just "
+          f"before it (the 'roof' column shows the one before localmoe's timing).")
     print(f"GB/s = weight bytes / seconds per matvec; per-call time = median of {args.rounds} passes over k "
           f"weight copies (>= {args.min_mib:g} MiB in total, so weights come from DRAM, not L3).")
     print("Both sides include converting x to the weight's vec_dot type (Q8_0/Q8_1/Q8_K/f16/bf16) inside each call.")
@@ -145,13 +149,12 @@ def main(argv=None):
         if qt is None:
             print(f"== {name}: {why}\n")
             continue
-        roof = read_bandwidth(stream, threads, repeats=args.rounds)
         rows, notes = [], []
         for n_rows, n_cols in shapes:
             if n_cols % qt.block_size:
                 notes.append(f"   {n_rows}x{n_cols} skipped: {n_cols} columns is not a multiple of {qt.block_size}")
                 continue
-            rows += bench_shape(qt, n_rows, n_cols, threads, roof, args, rng)
+            rows += bench_shape(qt, n_rows, n_cols, threads, stream, args, rng)
         print_table(header, rows, title=f"== {name}")
         print("\n".join(notes + [""]))
 
