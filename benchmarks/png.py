@@ -1,13 +1,12 @@
 """Heat maps as PNG files without matplotlib: a diverging colour ramp, zlib + struct encoding, atomic writes."""
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
+
+from localmoe.atomic import write_atomic  # noqa: F401 (quality.py writes its PNG and JSON with it)
 
 # ColorBrewer RdBu end points and middle: below, at and above the reference value
 LOW, MID, HIGH = (33, 102, 172), (247, 247, 247), (178, 24, 43)
@@ -28,23 +27,6 @@ def encode_png(rgb: np.ndarray) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # bit depth 8, colour type 2 (RGB), no interlace
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
             + chunk(b"IEND", b""))
-
-
-def write_atomic(path, data: bytes) -> Path:
-    """Write data to path so that a reader sees the old file or the whole new one (temp file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; this is an ordinary output file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def diverging_rgb(values: np.ndarray, mid: float, top: float) -> np.ndarray:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from localmoe.atomic import write_atomic
 from localmoe.chat_template import ChatTemplate
 from localmoe.errors import LocalMoEError
 from localmoe.sampling import Sampler, SamplingError, StopStrings
@@ -342,26 +342,9 @@ class ChatSession:
         path = Path(path).expanduser()
         data = json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode()
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            write_atomic(path, data)
         except OSError as e:
             raise ChatError(f"cannot save to {path}: {e.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise ChatError(f"cannot save to {path}: {e.strerror}") from None
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
 
     def load(self, path) -> None:
         """Replace the conversation (and sampling options) with a saved one; validates it first."""

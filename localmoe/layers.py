@@ -23,9 +23,14 @@ def silu(x: np.ndarray) -> np.ndarray:
     """x / (1 + exp(-x)) as ggml_vec_silu_f32 (and swiglu) compute it on AVX-512: ggml_v_expf on
     16-wide chunks, libm expf on the tail. A 1-ulp difference from np.exp here is enough to flip
     the rounding of the next Q8_0/Q8_K activation quantization now and then."""
+    return _rowwise(_silu_rows, x)
+
+
+def _rowwise(kernel, x: np.ndarray) -> np.ndarray:
+    """kernel(out, x) on f32[n_rows, n] views of x and a new array of its shape (n = last axis)."""
     x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty_like(x)
-    _silu_rows(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
+    kernel(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
     return out
 
 
@@ -42,24 +47,19 @@ def _silu_rows(out, x):  # out, x f32[n_rows, n]
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """1 / (1 + expf(-x)) with libm's expf, as ggml_vec_sigmoid_f32 (numpy's float32 exp differs in the last bit)."""
-    x = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty_like(x)
-    _sigmoid_flat(out.reshape(-1), x.reshape(-1))
-    return out
+    return _rowwise(_sigmoid_rows, x)
 
 
 @njit(cache=True, nogil=True)
-def _sigmoid_flat(out, x):  # out, x f32[n]
-    for i in range(x.size):
-        out[i] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[i])))
+def _sigmoid_rows(out, x):  # out, x f32[n_rows, n]
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[r, i] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-x[r, i])))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Row softmax over the last axis as ggml_soft_max computes it (ggml_vec_soft_max_f32)."""
-    x = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty_like(x)
-    _softmax_rows(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
-    return out
+    return _rowwise(_softmax_rows, x)
 
 
 @njit(cache=True, nogil=True)

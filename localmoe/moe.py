@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from localmoe.layers import silu
-from localmoe.experts import ExpertStore
 from localmoe.weights import Activation
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as VT
 
+from .atomic import fsync_dir
 from .errors import LocalMoEError, UnsupportedError
 from .gguf_file import DEFAULT_ALIGNMENT, GGUFFile, open_gguf
 from .quant_mix import MIXES, is_quantized, plan_types, tensor_order
@@ -301,14 +302,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _threads(threads: int | None):
     """numba's pool limited to `threads` for the block (all of it when None)."""
@@ -379,7 +372,7 @@ def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
             raise QuantizeError(f"{partial}: wrote {size} bytes, planned {plan.output_size}")
         open_gguf(partial).close()   # the header reads back as a valid GGUF
         os.replace(partial, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except OSError as e:
         partial.unlink(missing_ok=True)
         raise QuantizeError(f"writing {out} failed: {e.strerror or e}") from e

@@ -5,8 +5,9 @@ Each `ggml-vocab-NAME.gguf.xz` has its llama.cpp test vectors beside it
 """
 import lzma
 import os
-import tempfile
 from pathlib import Path
+
+from localmoe.atomic import write_atomic
 
 HERE = Path(__file__).parent / "vocab"
 NAMES = ("llama-spm", "llama-bpe", "deepseek-llm", "qwen2", "gpt-2")
@@ -26,17 +27,7 @@ def vocab_path(name: str) -> Path:
     dst = cache_dir() / f"ggml-vocab-{name}.gguf"
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return dst
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(lzma.decompress(src.read_bytes()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return write_atomic(dst, lzma.decompress(src.read_bytes()))
 
 
 def test_vectors(name: str) -> list[tuple[str, list[int]]]:

@@ -6,10 +6,9 @@ tests/test_shipped_model.py fails until this is rerun for a new model file.
 """
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from localmoe.atomic import write_atomic
 from localmoe.shipped import default_model_path
 from tests.reference import greedy, tokenize
 
@@ -24,19 +23,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main() -> None:

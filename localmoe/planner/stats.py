@@ -3,11 +3,10 @@ file is also a profile that warm-starts the cache (`--expert-profile`)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 
+from localmoe.atomic import write_atomic
 from localmoe.errors import LocalMoEError
 
 from .budget import format_size
@@ -17,17 +16,7 @@ VERSION = 1
 
 def save_stats(path, stats: dict) -> None:
     """Write stats as JSON atomically: a reader sees the old file or the new one, never half."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".stats-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": VERSION, **stats}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps({"version": VERSION, **stats}))
 
 
 def load_profile(path, n_layer: int, n_expert: int) -> np.ndarray:
