@@ -63,9 +63,9 @@ def logits_batch(path: Path, tokens: list[int], n_ctx: int = 128, kv_overrides: 
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def logits_stepwise(path: Path, tokens: list[int], n_ctx: int = 128) -> np.ndarray:
+def logits_stepwise(path: Path, tokens: list[int], n_ctx: int = 128, kv_overrides: dict | None = None) -> np.ndarray:
     """f32[n_tok, n_vocab]: one token per decode call in a fresh context."""
-    llm = _llama(path, n_ctx)
+    llm = _llama(path, n_ctx, kv_overrides)
     for t in tokens:
         llm.eval([t])
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)

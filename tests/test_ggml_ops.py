@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmoe.arch.base import route_topk
+from localmoe.arch.base import route_topk, router_logits
+from localmoe.weights import Linear
 from localmoe.layers import sigmoid, silu, softmax
 
 pytestmark = pytest.mark.reference
@@ -31,7 +32,7 @@ def ggml():
     sigs = {(base, "ggml_init"): ([_Init], P), (base, "ggml_free"): ([P], None),
             (base, "ggml_new_tensor_2d"): ([P, ctypes.c_int, I64, I64], P), (base, "ggml_get_data"): ([P], P),
             (base, "ggml_silu"): ([P, P], P), (base, "ggml_sigmoid"): ([P, P], P), (base, "ggml_soft_max"): ([P, P], P),
-            (base, "ggml_swiglu_split"): ([P, P, P], P), (base, "ggml_sum_rows"): ([P, P], P),
+            (base, "ggml_swiglu_split"): ([P, P, P], P), (base, "ggml_sum_rows"): ([P, P], P), (base, "ggml_mul_mat"): ([P, P, P], P),
             (base, "ggml_new_graph"): ([P], P), (base, "ggml_build_forward_expand"): ([P, P], None),
             (cpu, "ggml_graph_compute_with_ctx"): ([P, P, ctypes.c_int], ctypes.c_int)}
     lib = {}
@@ -55,8 +56,8 @@ def run_op(g, op: str, *arrays: np.ndarray) -> np.ndarray:
         graph = g["ggml_new_graph"](ctx)
         g["ggml_build_forward_expand"](graph, out)
         assert g["ggml_graph_compute_with_ctx"](ctx, graph, 2) == 0
-        n_out = 1 if op == "ggml_sum_rows" else arrays[0].shape[1]
-        y = np.empty((arrays[0].shape[0], n_out), np.float32)
+        n_out = {"ggml_sum_rows": 1, "ggml_mul_mat": arrays[0].shape[0]}.get(op, arrays[0].shape[1])
+        y = np.empty((arrays[-1].shape[0], n_out), np.float32)
         ctypes.memmove(y.ctypes.data, g["ggml_get_data"](out), y.nbytes)
         return y
     finally:
@@ -109,3 +110,16 @@ def test_weight_renormalisation_bit_exact(ggml, k):
     picked = np.take_along_axis(softmax(logits), ids, axis=-1)
     ref = picked / np.maximum(run_op(ggml, "ggml_sum_rows", picked), np.float32(6.103515625e-5))
     assert np.array_equal(w.view(np.uint32), ref.view(np.uint32)), "normalised weights (tol: 0 ulp)"
+
+
+@pytest.mark.parametrize("n_expert,n_embd", [(8, 256), (64, 2048), (128, 256)])
+def test_f32_router_logits_bit_exact(ggml, n_expert, n_embd):
+    """One token's F32 router logits: ggml_mul_mat of f32 by f32, i.e. ggml_vec_dot_f32. (A batch in
+    a model graph gives the same per token; test_shipped_model checks that end to end.)"""
+    n_tok = 1
+    rng = np.random.default_rng(n_expert)
+    w = (rng.standard_normal((n_expert, n_embd)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    ref = run_op(ggml, "ggml_mul_mat", w, x)
+    ours = router_logits(Linear("ffn_gate_inp", 0, w.shape, w), x)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), "router logits vs ggml_mul_mat (tol: 0 ulp)"

@@ -105,12 +105,16 @@ class ModelArgs:
 
 def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """gate x f32[n_tok, n_expert] (into `out` when given) for the router weights `gate` (Linear) and
-    x f32[n_tok, n_embd]. One token with F32 weights goes through ggml_vec_dot_f32's order, as in
-    llama.cpp (its batches match the Linear)."""
-    if x.shape[0] != 1 or gate.qtype != GGMLQuantizationType.F32 or gate.bias is not None:
+    x f32[n_tok, n_embd]. F32 weights go through ggml_vec_dot_f32's order for every token, batches
+    too: in llama.cpp's graphs a prompt's router logits equal the one-token ones (measured on the
+    shipped model, tests/test_shipped_model.py), although a lone batched ggml_mul_mat takes
+    llamafile sgemm's order."""
+    if gate.qtype != GGMLQuantizationType.F32 or gate.bias is not None:
         return gate(x, out)
-    out = np.empty((1, gate.n_out), np.float32) if out is None else out
-    matvec_f32_vec_dot(out[0], np.ascontiguousarray(x[0]), gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in))
+    out = np.empty((x.shape[0], gate.n_out), np.float32) if out is None else out
+    w = gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in)
+    for t in range(x.shape[0]):
+        matvec_f32_vec_dot(out[t], np.ascontiguousarray(x[t]), w)
     return out
 
 
