@@ -2,6 +2,7 @@
 
     python -m benchmarks.parting                       # the quality run's Q8_0 file, k = 2, 3, 5, 6
     python -m benchmarks.parting --model X.gguf --experts 2 --prompt 16 --steps 64
+    python -m benchmarks.parting --batch-vs-steps --prompt 57    # where batched prompt logits differ
 
 Both engines load the same file with n_expert_used = k, prefill the first --prompt held-out
 tokens (benchmarks.quality's text), then decode greedily, each feeding back its own argmax.
@@ -9,6 +10,8 @@ At the first step where the argmaxes differ it prints both engines' top-2 gaps, 
 difference of the two candidate logits in each engine, and the largest |logit difference|
 between the engines at that step: a parting is a near-tie when the gaps are below it.
 Per prompt position it also prints the prefill logits' NMSE (localmoe vs llama.cpp).
+--batch-vs-steps instead lists the prompt positions whose logits differ (bit for bit) between
+each engine's one-batch prompt and its token-by-token run, and between the engines.
 """
 from __future__ import annotations
 
@@ -63,6 +66,35 @@ def part(path: str, prompt: list[int], k: int, steps: int, threads: int) -> None
             llm.close()
 
 
+def batch_vs_steps(path: str, prompt: list[int], k: int, threads: int) -> None:
+    import llama_cpp
+    import localmoe
+    from localmoe.gguf_file import open_gguf
+    with open_gguf(path) as gf:
+        key = f"{gf.arch}.expert_used_count"
+    n = len(prompt)
+    with localmoe.load(path, n_threads=threads, n_ctx=n + 1) as m:
+        m.set_expert_used(k)
+        ours_b = m.forward(prompt)
+        m.reset()
+        ours_s = np.stack([m.forward([t])[-1] for t in prompt])
+    llm = llama_cpp.Llama(path, n_threads=threads, n_ctx=n + 1, logits_all=True, kv_overrides={key: int(k)},
+                          verbose=False)
+    try:
+        llm.eval(prompt)
+        ref_b = np.array(llm.scores[:n], dtype=np.float32)
+        llm.reset()
+        for t in prompt:
+            llm.eval([t])
+        ref_s = np.array(llm.scores[:n], dtype=np.float32)
+    finally:
+        llm.close()
+    for name, a, b in (("llama.cpp batch vs its steps", ref_b, ref_s), ("localmoe batch vs its steps", ours_b, ours_s),
+                       ("localmoe vs llama.cpp, steps", ours_s, ref_s), ("localmoe vs llama.cpp, batch", ours_b, ref_b)):
+        differ = [i for i in range(n) if not np.array_equal(a[i], b[i])]
+        print(f"k={k} {name}: {len(differ)} of {n} positions differ {differ[:12]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_OUT / "model-Q8_0.gguf"))
@@ -71,10 +103,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=65)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-vs-steps", action="store_true", help="compare one-batch and token-by-token prompt logits")
     a = ap.parse_args(argv)
     held, _ = corpus_tokens(Path(a.text_model))
     for k in (int(v) for v in a.experts.split(",")):
-        part(a.model, held[:a.prompt].tolist(), k, a.steps, a.threads)
+        if a.batch_vs_steps:
+            batch_vs_steps(a.model, held[:a.prompt].tolist(), k, a.threads)
+        else:
+            part(a.model, held[:a.prompt].tolist(), k, a.steps, a.threads)
     return 0
 
 
