@@ -3,6 +3,7 @@
     python -m benchmarks.parting                       # the quality run's Q8_0 file, k = 2, 3, 5, 6
     python -m benchmarks.parting --model X.gguf --experts 2 --prompt 16 --steps 64
     python -m benchmarks.parting --batch-vs-steps --prompt 57    # where batched prompt logits differ
+    python -m benchmarks.parting --batch-vs-steps --prompt 99 --text 'ROMEO.\nBut soft...'
 
 Both engines load the same file with n_expert_used = k, prefill the first --prompt held-out
 tokens (benchmarks.quality's text), then decode greedily, each feeding back its own argmax.
@@ -104,8 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=65)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-vs-steps", action="store_true", help="compare one-batch and token-by-token prompt logits")
+    ap.add_argument("--text", help="use this text (\\n escapes allowed) instead of the held-out plays")
     a = ap.parse_args(argv)
-    held, _ = corpus_tokens(Path(a.text_model))
+    if a.text is not None:
+        import localmoe
+        from localmoe.cli.options import process_escapes
+        held = np.asarray(localmoe.load_tokenizer(a.model).encode(process_escapes(a.text), add_special=False))
+    else:
+        held, _ = corpus_tokens(Path(a.text_model))
     for k in (int(v) for v in a.experts.split(",")):
         if a.batch_vs_steps:
             batch_vs_steps(a.model, held[:a.prompt].tolist(), k, a.threads)
