@@ -1,6 +1,7 @@
 """Matvec weight bandwidth per quant type: localmoe beside llama.cpp (ggml), same bytes, same threads.
 
     python -m benchmarks.kernels [--types Q4_K,Q6_K] [--shapes 2048x768] [--threads 1,2] [--rounds 5]
+    python -m benchmarks.kernels --experts 8 --shapes 2048x768,768x2048   # a decode step's expert matvecs
 
 For each type and MoE-sized shape (rows x cols) it prints the weight GB/s of
 localmoe's `matvec_into` and of ggml_mul_mat (llama-cpp-python's libggml, via
@@ -113,6 +114,27 @@ def bench_shape(qt, n_rows, n_cols, threads, stream, args, rng) -> list[list]:
     return rows
 
 
+def bench_experts_shape(qt, n_rows, n_cols, threads, stream, args, rng) -> list[list]:
+    """--experts E: one matvec_experts_into call = x against all E experts of a stacked
+    u8[E, n_rows, row_bytes] tensor (one parallel region), as a MoE decode step runs them."""
+    e = args.experts
+    stack_bytes = e * n_rows * qt.row_bytes(n_cols)
+    k = max(2, math.ceil(args.min_mib * 2**20 / stack_bytes))
+    stacks = [np.stack([make_weights(qt, n_rows, n_cols, rng) for _ in range(e)]) for _ in range(k)]
+    x = rng.standard_normal((1, n_cols), dtype=np.float32)
+    out = np.empty((1, e, n_rows), dtype=np.float32)
+    sel, xrow = np.arange(e, dtype=np.int64), np.zeros(e, dtype=np.int64)
+    rows = []
+    for n in threads:
+        roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
+        with numba_threads(n):
+            t = time_per_call(lambda i: qt.matvec_experts_into(out, qt.prepare(x), [stacks[i]], sel, xrow), k,
+                              args.rounds)
+        gbs = stack_bytes / t / GB
+        rows.append([f"{e}x{n_rows}x{n_cols}", stack_bytes / 2**20, k, n, roof, gbs, 100 * gbs / roof])
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default=",".join(TYPES), help="comma list of quant types")
@@ -122,7 +144,10 @@ def main(argv=None):
     ap.add_argument("--min-mib", type=float, default=256, help="total MiB of weight copies to rotate through")
     ap.add_argument("--stream-gib", type=float, default=1.0, help="GiB array for the read-bandwidth roofline")
     ap.add_argument("--no-ggml", action="store_true", help="leave out the llama.cpp column")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="E > 0: time one matvec_experts_into over E stacked experts per call (localmoe only)")
     args = ap.parse_args(argv)
+    args.no_ggml = args.no_ggml or args.experts > 0
     threads = thread_counts(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     types = [t.strip().upper() for t in args.types.split(",")]
@@ -154,7 +179,8 @@ def main(argv=None):
             if n_cols % qt.block_size:
                 notes.append(f"   {n_rows}x{n_cols} skipped: {n_cols} columns is not a multiple of {qt.block_size}")
                 continue
-            rows += bench_shape(qt, n_rows, n_cols, threads, stream, args, rng)
+            bench = bench_experts_shape if args.experts else bench_shape
+            rows += bench(qt, n_rows, n_cols, threads, stream, args, rng)
         print_table(header, rows, title=f"== {name}")
         print("\n".join(notes + [""]))
 
