@@ -189,6 +189,21 @@ def matvec_f32_vec_dot(out, x, w):  # out f32[n_rows], x f32[n], w f32[n_rows, n
         out[r] = s
 
 
+@njit(cache=True, nogil=True)
+def matmul_f32_sgemm(out, x, w):  # out f32[n_tok, n_rows], x f32[n_tok, n], w f32[n_rows, n]; n % 16 == 0
+    """W x for a batch of F32 tokens in llamafile sgemm's (tinyBLAS, AVX-512) order, which llama.cpp
+    uses for F32 weights when n_tok >= 2, n % 16 == 0 and n_rows % 4 == 0: one 16-lane fma
+    accumulator per output over the 16-wide steps, then _reduce16."""
+    lanes = np.empty(16, np.float32)
+    for t in range(x.shape[0]):
+        for r in range(w.shape[0]):
+            lanes[:] = 0
+            for i in range(0, x.shape[1], 16):
+                for l in range(16):
+                    lanes[l] = _fma(w[r, i + l], x[t, i + l], lanes[l])
+            out[t, r] = _reduce16(lanes)
+
+
 # ggml_v_expf (AVX-512 build) constants
 _EXP_SHIFT, _LOG2E = F32(float.fromhex("0x1.8p23")), F32(float.fromhex("0x1.715476p+0"))
 _LN2_HI, _LN2_LO = F32(float.fromhex("0x1.62e4p-1")), F32(float.fromhex("0x1.7f7d1cp-20"))

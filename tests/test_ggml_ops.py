@@ -112,11 +112,11 @@ def test_weight_renormalisation_bit_exact(ggml, k):
     assert np.array_equal(w.view(np.uint32), ref.view(np.uint32)), "normalised weights (tol: 0 ulp)"
 
 
-@pytest.mark.parametrize("n_expert,n_embd", [(8, 256), (64, 2048), (128, 256)])
-def test_f32_router_logits_bit_exact(ggml, n_expert, n_embd):
-    """One token's F32 router logits: ggml_mul_mat of f32 by f32, i.e. ggml_vec_dot_f32. (A batch in
-    a model graph gives the same per token; test_shipped_model checks that end to end.)"""
-    n_tok = 1
+@pytest.mark.parametrize("n_expert,n_embd", [(8, 256), (64, 2048), (128, 256), (6, 256), (8, 40)])
+@pytest.mark.parametrize("n_tok", [1, 2, 16])
+def test_f32_router_logits_bit_exact(ggml, n_expert, n_embd, n_tok):
+    """F32 router logits: ggml_mul_mat of f32 by f32: ggml_vec_dot_f32 for one token, llamafile
+    sgemm for a batch whose shape it takes (n_expert % 4 == 0, n_embd % 16 == 0), else vec_dot."""
     rng = np.random.default_rng(n_expert)
     w = (rng.standard_normal((n_expert, n_embd)) * 0.05).astype(np.float32)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)

@@ -13,6 +13,9 @@ from reference import greedy, logits_batch, logits_stepwise, tokenize
 from tests.make_golden import GOLDEN, N_TOKENS, sha256
 
 
+ROMEO = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 2
+
+
 @pytest.fixture(scope="module")
 def golden():
     if not GOLDEN.exists():
@@ -110,8 +113,7 @@ def test_stepwise_logits_bit_identical_to_llama_cpp(k):
     anywhere (router order, silu, softmax) flips some Q8_0 activation rounding within a few
     dozen positions, and greedy decodes part at near-ties (benchmarks/parting.py)."""
     path = default_model_path()
-    text = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
-    ids = tokenize(path, text * 2)
+    ids = tokenize(path, ROMEO)
     ref = logits_stepwise(path, ids, kv_overrides={"qwen3moe.expert_used_count": k})
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)
@@ -121,14 +123,14 @@ def test_stepwise_logits_bit_identical_to_llama_cpp(k):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("k", [2, 3, 5])
-def test_short_prompt_batch_logits_bit_identical_to_llama_cpp(k):
-    """A prompt in one batch: the first 15 positions' logits equal llama.cpp's (tolerance: 0).
-    Needs the F32 router in vec_dot_f32's order for batches too (arch/base.router_logits).
-    Later positions of a longer batch still differ in the last bits (NMSE ~1e-5): llama.cpp's
-    batch path there is not matched yet; see benchmarks/README.md, quality.py."""
+@pytest.mark.parametrize("text,k", [(ROMEO, 2), (ROMEO, 6), ("MACBETH\n\nby William Shakespeare\n\n\n\n\nPersons Rep", 2)])
+def test_batch_logits_bit_identical_to_llama_cpp(text, k):
+    """A prompt in one batch: every position's logits equal llama.cpp's (tolerance: 0), although
+    llama.cpp's own batch logits differ from its token-by-token ones here (k = 6 from position 9):
+    batches take llamafile sgemm's order for the F32 router (arch/base.router_logits), and the
+    F16 attention products (layers._dot_f16)."""
     path = default_model_path()
-    ids = tokenize(path, "MACBETH\n\nby William Shakespeare\n\n\n\n\nPersons Rep")[:15]
+    ids = tokenize(path, text)
     ref = logits_batch(path, ids, kv_overrides={"qwen3moe.expert_used_count": k})
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)

@@ -10,7 +10,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
-from localmoe.layers import Rope, RunBuffers, apply_rope, attention, matvec_f32_vec_dot, rms_norm, sigmoid, softmax
+from localmoe.layers import (Rope, RunBuffers, apply_rope, attention, matmul_f32_sgemm, matvec_f32_vec_dot, rms_norm,
+                             sigmoid, softmax)
 from localmoe.moe import moe_ffn
 from localmoe.weights import Activation
 
@@ -105,16 +106,19 @@ class ModelArgs:
 
 def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """gate x f32[n_tok, n_expert] (into `out` when given) for the router weights `gate` (Linear) and
-    x f32[n_tok, n_embd]. F32 weights go through ggml_vec_dot_f32's order for every token, batches
-    too: in llama.cpp's graphs a prompt's router logits equal the one-token ones (measured on the
-    shipped model, tests/test_shipped_model.py), although a lone batched ggml_mul_mat takes
-    llamafile sgemm's order."""
+    x f32[n_tok, n_embd]. F32 weights follow llama.cpp's CPU order: ggml_vec_dot_f32 for one
+    token, llamafile sgemm for a batch (when its shape allows; else vec_dot per token)."""
     if gate.qtype != GGMLQuantizationType.F32 or gate.bias is not None:
         return gate(x, out)
-    out = np.empty((x.shape[0], gate.n_out), np.float32) if out is None else out
+    n_tok = x.shape[0]
+    out = np.empty((n_tok, gate.n_out), np.float32) if out is None else out
     w = gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in)
-    for t in range(x.shape[0]):
-        matvec_f32_vec_dot(out[t], np.ascontiguousarray(x[t]), w)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if n_tok >= 2 and gate.n_in % 16 == 0 and gate.n_out % 4 == 0:
+        matmul_f32_sgemm(out, x, w)
+    else:
+        for t in range(n_tok):
+            matvec_f32_vec_dot(out[t], x[t], w)
     return out
 
 
