@@ -197,13 +197,14 @@ def group_scales(v, sc16, j):
     return v.shuffle(sc16, sc16, [j] * 16 + [j + 1] * 16)
 
 
-def block_dot(weights, shift=0):
+def block_dot(weights, shift=0, w_dtype=None):
     """Intrinsic dot(w, r, o, qs, t, qo): exact int32 sum of weight * q8 over the block at
     w[r, o:] and the Q8_K quants qs[t, qo:qo+256] (int8 or int16), fused: no weights in memory.
 
     `weights(v, wp)` emits the block's eight <32 x i16> chunks of integer weights.
     `shift` scales them up first when they are so small that LLVM would otherwise
     narrow the products to bytes and lose the 16-bit pair instructions.
+    `w_dtype`: the only element type w may have (None: any).
     Callers guarantee the indices are in range: nothing is checked.
     """
     @intrinsic
@@ -216,7 +217,7 @@ def block_dot(weights, shift=0):
                 acc = v.dot_acc(acc, v.shl(w16, shift) if shift else w16, qp, 32 * i, sig.args[3].dtype)
             isum = v.reduce_add(acc)
             return builder.ashr(isum, ir.Constant(I32, shift)) if shift else isum
-        if c_matrix(w, qs):
+        if c_matrix(w, qs) and w_dtype in (None, w.dtype):
             return types.int32(w, r, o, qs, t, qo), codegen
     return dot
 
@@ -238,18 +239,14 @@ def block_decode(weights):
     return decode
 
 
-@intrinsic
-def ws_dot(typingctx, ws, i, wo, qs, t, qo):
-    """Exact int32 dot of decoded weights ws[i, wo:wo+256] (int16) with qs[t, qo:qo+256]. Unchecked."""
-    def codegen(context, builder, sig, args):
-        v = Vec(builder)
-        wp, qp = row_ptr(context, builder, sig, args, 0), row_ptr(context, builder, sig, args, 3)
-        acc = splat(I32, 32, 0)
-        for k in range(QK_K // 32):
-            acc = v.dot_acc(acc, v.load(wp, 32 * k, 32, I16), qp, 32 * k, sig.args[3].dtype)
-        return v.reduce_add(acc)
-    if c_matrix(ws, qs) and ws.dtype == types.int16:
-        return types.int32(ws, i, wo, qs, t, qo), codegen
+def _decoded(v, wp):
+    """The eight <32 x i16> chunks block_decode stored at wp."""
+    return [v.load(wp, 32 * k, 32, I16) for k in range(QK_K // 32)]
+
+
+# ws_dot(ws, i, wo, qs, t, qo): exact int32 dot of decoded weights ws[i, wo:wo+256] (int16) with
+# qs[t, qo:qo+256]. Unchecked indices.
+ws_dot = block_dot(_decoded, w_dtype=types.int16)
 
 
 def block_dot_lanes(lanes, simd=SIMD):
@@ -292,7 +289,6 @@ def hsum_float_8(a):  # a f32[8+] -> f32: a[0:8] summed in ggml's x86 hsum_float
 def decode_scratch(n_tok, nb):
     """int16 rows for the decoded weights of one row chunk (none needed for one token)."""
     return np.empty((ROW_CHUNK if n_tok > 1 else 0, nb * QK_K), np.int16)
-
 
 
 def specialise(template, name: str, **bound):
