@@ -22,6 +22,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -284,10 +285,11 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": reply.text})
             self._truncate(m.cache.n_past)  # an interrupted forward may have stored less
 
-    @property
+    @functools.cached_property
     def _stops(self) -> list[str]:
         """Where a reply ends besides an end-of-generation token: a turn suffix in plain text
-        (a model trained without end-of-turn tokens writes it), or the fallback's next turn."""
+        (a model trained without end-of-turn tokens writes it), or the fallback's next turn.
+        Rendered once: the template and tokenizer are fixed for the session."""
         if self.template.is_fallback:
             return [FALLBACK_STOP]
         end = self.template.turn_end()
