@@ -92,7 +92,7 @@ def _fmt(v) -> str:
 
 # ---- llama.cpp's own kernels, called through ctypes from llama-cpp-python's libggml ----
 
-class _InitParams(ctypes.Structure):  # struct ggml_init_params (ggml.h)
+class InitParams(ctypes.Structure):  # struct ggml_init_params (ggml.h)
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
@@ -113,7 +113,7 @@ def ggml_lib():
     cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
     P, I64, SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
     sigs = {
-        (base, "ggml_init"): ([_InitParams], P), (base, "ggml_free"): ([P], None),
+        (base, "ggml_init"): ([InitParams], P), (base, "ggml_free"): ([P], None),
         (base, "ggml_tensor_overhead"): ([], SZ), (base, "ggml_graph_overhead_custom"): ([SZ, ctypes.c_bool], SZ),
         (base, "ggml_new_tensor_1d"): ([P, ctypes.c_int, I64], P),
         (base, "ggml_new_tensor_2d"): ([P, ctypes.c_int, I64, I64], P),
@@ -131,8 +131,13 @@ def ggml_lib():
         (base, "ggml_backend_graph_compute"): ([P, P], ctypes.c_int),
         (base, "ggml_backend_free"): ([P], None),
         (base, "ggml_log_set"): ([P, P], None),
+        # plain (allocating) contexts, for tests/test_ggml_ops.py's element-wise ops
+        (base, "ggml_get_data"): ([P], P), (base, "ggml_new_graph"): ([P], P),
+        (base, "ggml_silu"): ([P, P], P), (base, "ggml_sigmoid"): ([P, P], P), (base, "ggml_soft_max"): ([P, P], P),
+        (base, "ggml_swiglu_split"): ([P, P, P], P), (base, "ggml_sum_rows"): ([P, P], P),
         (cpu, "ggml_backend_cpu_reg"): ([], P), (cpu, "ggml_backend_cpu_init"): ([], P),
         (cpu, "ggml_backend_cpu_set_n_threads"): ([P, ctypes.c_int], None),
+        (cpu, "ggml_graph_compute_with_ctx"): ([P, P, ctypes.c_int], ctypes.c_int),
     }
     lib = {}
     for (so, name), (args, res) in sigs.items():
@@ -194,7 +199,7 @@ class GgmlMatvec:
         self.n_rows, n_cols, k = copies[0].shape[0], x.size, len(copies)
         def meta(n_tensors):  # metadata-only contexts: tensor data lives in backend buffers
             size = n_tensors * g["ggml_tensor_overhead"]() + k * g["ggml_graph_overhead_custom"](4, False)
-            return g["ggml_init"](_InitParams(size + (1 << 16), None, True))
+            return g["ggml_init"](InitParams(size + (1 << 16), None, True))
 
         self.buf_w = self.buf_a = self.backend = None
         self.ctx_w, self.ctx_a = meta(k), meta(2 * k + 1)

@@ -74,19 +74,26 @@ def time_per_call(run, k: int, rounds: int) -> float:
     return median_time(one_pass, rounds) / k
 
 
+def localmoe_rows(label: str, nbytes: int, k: int, threads, stream, args, call) -> list[list]:
+    """[label, MiB, k, threads, roof, GB/s, % roof] per thread count for `call(i)` reading nbytes
+    of copy i, the roof measured right before each timing."""
+    rows = []
+    for n in threads:
+        roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
+        with numba_threads(n):
+            gbs = nbytes / time_per_call(call, k, args.rounds) / GB
+        rows.append([label, nbytes / 2**20, k, n, roof, gbs, 100 * gbs / roof])
+    return rows
+
+
 def bench_shape(qt, n_rows, n_cols, threads, stream, args, rng) -> list[list]:
     one = make_weights(qt, n_rows, n_cols, rng)
     k = max(2, math.ceil(args.min_mib * 2**20 / one.nbytes))
     copies = [one] + [make_weights(qt, n_rows, n_cols, rng) for _ in range(k - 1)]
     x = rng.standard_normal(n_cols, dtype=np.float32)
     out = np.empty(n_rows, dtype=np.float32)
-    rows = []
-    for n in threads:
-        roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
-        with numba_threads(n):
-            t_ours = time_per_call(lambda i: qt.matvec_into(out, x, copies[i]), k, args.rounds)
-        ours = one.nbytes / t_ours / GB
-        rows.append([f"{n_rows}x{n_cols}", one.nbytes / 2**20, k, n, roof, ours, 100 * ours / roof])
+    rows = localmoe_rows(f"{n_rows}x{n_cols}", one.nbytes, k, threads, stream, args,
+                         lambda i: qt.matvec_into(out, x, copies[i]))
     with numba_threads(threads[0]):
         qt.matvec_into(out, x, copies[0])
     if args.no_ggml:
@@ -124,15 +131,8 @@ def bench_experts_shape(qt, n_rows, n_cols, threads, stream, args, rng) -> list[
     x = rng.standard_normal((1, n_cols), dtype=np.float32)
     out = np.empty((1, e, n_rows), dtype=np.float32)
     sel, xrow = np.arange(e, dtype=np.int64), np.zeros(e, dtype=np.int64)
-    rows = []
-    for n in threads:
-        roof = read_bandwidth(stream, [n], repeats=args.rounds)[n]
-        with numba_threads(n):
-            t = time_per_call(lambda i: qt.matvec_experts_into(out, qt.prepare(x), [stacks[i]], sel, xrow), k,
-                              args.rounds)
-        gbs = stack_bytes / t / GB
-        rows.append([f"{e}x{n_rows}x{n_cols}", stack_bytes / 2**20, k, n, roof, gbs, 100 * gbs / roof])
-    return rows
+    return localmoe_rows(f"{e}x{n_rows}x{n_cols}", stack_bytes, k, threads, stream, args,
+                         lambda i: qt.matvec_experts_into(out, qt.prepare(x), [stacks[i]], sel, xrow))
 
 
 def main(argv=None):

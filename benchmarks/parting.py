@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality import DEFAULT_MODEL, DEFAULT_OUT, corpus_tokens
+from benchmarks.quality import DEFAULT_MODEL, DEFAULT_OUT, corpus_tokens, expert_key
 
 
 def nmse(a: np.ndarray, ref: np.ndarray) -> float:
@@ -37,9 +37,7 @@ def top2_gap(logits: np.ndarray) -> float:
 def part(path: str, prompt: list[int], k: int, steps: int, threads: int) -> None:
     import llama_cpp
     import localmoe
-    from localmoe.gguf_file import open_gguf
-    with open_gguf(path) as gf:
-        key = f"{gf.arch}.expert_used_count"
+    key = expert_key(path)
     n_ctx = len(prompt) + steps + 1
     with localmoe.load(path, n_threads=threads, n_ctx=n_ctx) as m:
         m.set_expert_used(k)
@@ -70,9 +68,7 @@ def part(path: str, prompt: list[int], k: int, steps: int, threads: int) -> None
 def batch_vs_steps(path: str, prompt: list[int], k: int, threads: int) -> None:
     import llama_cpp
     import localmoe
-    from localmoe.gguf_file import open_gguf
-    with open_gguf(path) as gf:
-        key = f"{gf.arch}.expert_used_count"
+    key = expert_key(path)
     n = len(prompt)
     with localmoe.load(path, n_threads=threads, n_ctx=n + 1) as m:
         m.set_expert_used(k)

@@ -79,14 +79,19 @@ def localmoe_engine(path: str, threads: int, n_ctx: int):
     return set_k, partial(perplexity, m), step, lambda: m.store.stats()["counts"]
 
 
+def expert_key(path) -> str:
+    """The GGUF key of a model's active-expert count, for llama.cpp's kv_overrides."""
+    from localmoe.gguf_file import open_gguf
+    with open_gguf(path) as gf:
+        return f"{gf.arch}.expert_used_count"
+
+
 def llama_engine(path: str, threads: int, n_ctx: int):
     """The same on llama_cpp.Llama, reloaded per k with kv_overrides {ARCH.expert_used_count: k};
     perplexity by localmoe.perplexity.from_logits (_reference_ppl's scoring) on its logits."""
     import llama_cpp
-    from localmoe.gguf_file import open_gguf
     from localmoe.perplexity import from_logits
-    with open_gguf(path) as gf:
-        key = f"{gf.arch}.expert_used_count"
+    key = expert_key(path)
     state = {}
 
     def set_k(k):

@@ -5,47 +5,26 @@ chunks. A last-bit difference there flips the rounding of the next Q8_0 activati
 and greedy decodes part (benchmarks/parting.py). ggml is called through ctypes on
 llama-cpp-python's libggml, in a plain context computed by ggml_graph_compute_with_ctx."""
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks._common import InitParams, ggml_lib
 from localmoe.arch.base import route_topk, router_logits
-from localmoe.weights import Linear
 from localmoe.layers import sigmoid, silu, softmax
+from localmoe.weights import Linear
 
 pytestmark = pytest.mark.reference
-
-P, I64 = ctypes.c_void_p, ctypes.c_int64
-
-
-class _Init(ctypes.Structure):  # struct ggml_init_params (ggml.h)
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
 @pytest.fixture(scope="module")
 def ggml():
-    import llama_cpp
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
-    sigs = {(base, "ggml_init"): ([_Init], P), (base, "ggml_free"): ([P], None),
-            (base, "ggml_new_tensor_2d"): ([P, ctypes.c_int, I64, I64], P), (base, "ggml_get_data"): ([P], P),
-            (base, "ggml_silu"): ([P, P], P), (base, "ggml_sigmoid"): ([P, P], P), (base, "ggml_soft_max"): ([P, P], P),
-            (base, "ggml_swiglu_split"): ([P, P, P], P), (base, "ggml_sum_rows"): ([P, P], P), (base, "ggml_mul_mat"): ([P, P, P], P),
-            (base, "ggml_new_graph"): ([P], P), (base, "ggml_build_forward_expand"): ([P, P], None),
-            (cpu, "ggml_graph_compute_with_ctx"): ([P, P, ctypes.c_int], ctypes.c_int)}
-    lib = {}
-    for (so, name), (args, res) in sigs.items():
-        f = getattr(so, name)
-        f.argtypes, f.restype = args, res
-        lib[name] = f
-    return lib
+    return ggml_lib()
 
 
 def run_op(g, op: str, *arrays: np.ndarray) -> np.ndarray:
     """ggml `op` of f32[rows, n] inputs (ggml ne = (n, rows)), computed on 2 threads."""
-    ctx = g["ggml_init"](_Init(64 << 20, None, False))
+    ctx = g["ggml_init"](InitParams(64 << 20, None, False))
     try:
         ts = []
         for a in arrays:

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 
 import localmoe
 import reference
+from benchmarks._common import InitParams
 from localmoe.cli import main
 from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 from localmoe.gguf_file import open_gguf
@@ -109,15 +110,11 @@ class _Desc(ctypes.Structure):
                                        "n_embd_head_k", "n_embd_head_v")]
 
 
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
 def _libs():
     d = Path(llama_cpp.__file__).parent / "lib"
     base = ctypes.CDLL(str(d / "libggml-base.so"))
     lib = ctypes.CDLL(str(d / "libllama.so"))
-    base.ggml_init.argtypes, base.ggml_init.restype = [_InitParams], ctypes.c_void_p
+    base.ggml_init.argtypes, base.ggml_init.restype = [InitParams], ctypes.c_void_p
     base.ggml_tensor_overhead.restype = ctypes.c_size_t
     base.ggml_new_tensor.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
     base.ggml_new_tensor.restype = ctypes.c_void_p
@@ -148,7 +145,7 @@ def _llama_cpp_types(spec: archs.Spec, metadata: dict, tensors, mixes) -> dict:
     model = fn["model"](ctypes.byref(desc))
     params = llama_cpp.llama_model_quantize_default_params()
     qs = fn["init"](model, ctypes.byref(params))
-    ctx = base.ggml_init(_InitParams(len(tensors) * base.ggml_tensor_overhead() + (1 << 16), None, True))
+    ctx = base.ggml_init(InitParams(len(tensors) * base.ggml_tensor_overhead() + (1 << 16), None, True))
     try:
         ptrs = (ctypes.c_void_p * len(tensors))()
         for i, (name, qtype, shape) in enumerate(tensors):
