@@ -14,8 +14,6 @@ Two styles of block kernel:
   intrinsics where the CPU numba compiles for has them (`SIMD`), on 64-byte
   vectors with AVX-512BW, else the same arithmetic in generic IR.
 """
-import types as pytypes
-
 import numba
 import numpy as np
 from llvmlite import binding as ll
@@ -25,12 +23,22 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import QK_K, q8_k_activation, take_next
+from .common import (QK_K, FusedMatvec, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, rows_ahead, specialise,
+                     take_next)
 
 ROW_CHUNK = 16  # rows per parallel task; decoded for prefill, 16 rows of int16 stay in L2
 # rows per task of a matvec: long runs of each thread's rows keep the hardware prefetchers
 # streaming (Q6_K 151936x2048 at 2 threads: 13 ms with 16-row tasks, 5.7 ms with 256)
 MATVEC_CHUNK = 256
+
+
+@njit(inline="always")
+def task_rows(n_rows, n_par):
+    """Rows per matvec task: MATVEC_CHUNK, or fewer so that the tasks split evenly over the threads
+    (768 rows in 3 tasks of 256 left one of 2 threads with twice the other's work)."""
+    n_tasks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
+    n_tasks = (n_tasks + n_par - 1) // n_par * n_par
+    return ((n_rows + n_tasks - 1) // n_tasks + 15) // 16 * 16
 
 
 def _target_features():
@@ -291,22 +299,6 @@ def decode_scratch(n_tok, nb):
     return np.empty((ROW_CHUNK if n_tok > 1 else 0, nb * QK_K), np.int16)
 
 
-def specialise(template, name: str, **bound):
-    """njit(cache=True, nogil=True, parallel=True) kernel of a copy of the plain function `template`
-    in which the names in `bound` (the inline kernels it calls) are globals.
-
-    Why not a closure: numba keys a cached closure on its pickled cell contents, and a dispatcher
-    or intrinsic pickles with a per-process id, so a closure over another kernel recompiled in
-    every process (seconds at each start). The copy is named `name` (its own cache index) and
-    claims the file of the first bound dispatcher, so editing that file invalidates its cache."""
-    src = next((v.py_func.__code__.co_filename for v in bound.values() if hasattr(v, "py_func")),
-               template.__code__.co_filename)
-    fn = pytypes.FunctionType(template.__code__.replace(co_name=name, co_filename=src),
-                              {**template.__globals__, **bound}, name)
-    fn.__qualname__, fn.__module__ = name, template.__module__
-    return njit(cache=True, nogil=True, parallel=True)(fn)
-
-
 def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matvec_experts; out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
     n_mat, n_sel, n_rows = out.shape
     n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
@@ -318,7 +310,9 @@ def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matve
             ms, c = i // n_chunks, i % n_chunks
             m, s = ms // n_sel, ms % n_sel
             w = ws[m][sel[s]]
+            ahead = rows_ahead(w)
             for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
+                prefetch_row(w, r + ahead)
                 out[m, s, r] = row(w, r, act, xrow[s], scratch)  # noqa: F821 (bound by specialise)
             i = take_next(counter)
 
@@ -340,11 +334,17 @@ def check_expert_stacks(qt, out, act, stacks, sel, xrow):
         raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
 
 
-class KQuant(QuantType):
+@njit(inline="always")
+def q8_k16(x):  # x f32[n_tok, n] -> KQuant's prepared activation, on this thread
+    return q8_k_serial(x, 16)
+
+
+class KQuant(FusedMatvec, QuantType):
     """Shared driver for the K-quants: x -> Q8_K once (`prepare`), then the integer kernels.
 
-    Subclasses set `_dequantize(out, w)`, `_kernel(out, qs, d8, bsums, w, n_par)` and, for a
-    fused MoE decode step, `_experts` (a `make_matvec_experts` kernel).
+    Subclasses set `_dequantize(out, w)`, `_kernel(out, qs, d8, bsums, w, n_par)`, for a
+    fused MoE decode step `_experts` (a `make_matvec_experts` kernel), and `_matvec_x =
+    fuse_matvec(q8_k16, _kernel, name)`.
     The kernels trust their shapes (the dot intrinsics do no bounds checks), so
     everything is checked here.
     """

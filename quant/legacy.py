@@ -18,8 +18,9 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
+from .common import FusedMatvec, fuse_matvec, prefetch_row, rows_ahead, specialise
 from .floats import f16_to_f32
-from .q8 import QK8, quantize_activations
+from .q8 import QK8, q8_serial, quantize_activations
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q5_1), int(T.Q8_0)
 
@@ -189,7 +190,9 @@ def _dot_row(wr, qy, dy, sy, kind):  # wr u8[row_bytes], qy i8[n_cols], dy/sy f3
 
 @njit(cache=True, nogil=True, parallel=True)
 def matvec_q8act(out, qy, dy, sy, w, kind):  # out f32[n_rows], qy i8[n_cols], dy/sy f32[n_cols//32], w u8[n_rows, row_bytes]
+    ahead = rows_ahead(w)
     for r in prange(w.shape[0]):
+        prefetch_row(w, r + ahead)
         out[r] = _dot_row(w[r], qy, dy, sy, kind)
 
 
@@ -237,8 +240,18 @@ def dequantize_legacy(out, w, kind):  # out f32[n_rows, n_cols], w u8[n_rows, ro
             _dequant_blocks(w[r], out[r], Q8_0)
 
 
-class _Legacy(QuantType):
+def _matvec_kind(out, qy, dy, sy, w, n_par):  # template (_Legacy binds KIND); out f32[1, n_rows], qy i8[1, n_cols], dy/sy f32[1, n_cols//32]
+    matvec_q8act(out[0], qy[0], dy[0], sy[0], w, KIND)  # noqa: F821 (bound by specialise)
+
+
+class _Legacy(FusedMatvec, QuantType):
     act_format = "q8"  # one Q8 format serves the _0 (Q8_0) and _1 (Q8_1) types, see q8.py
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        name = cls.qtype.name.lower()
+        kernel = specialise(_matvec_kind, f"matvec_{name}", parallel=False, KIND=int(cls.qtype), matvec_q8act=matvec_q8act)
+        cls._matvec_x = staticmethod(fuse_matvec(q8_serial, kernel, f"matvec_x_{name}"))
 
     def dequantize_into(self, out, w):
         dequantize_legacy(out, w, int(self.qtype))

@@ -11,7 +11,7 @@ from numba.extending import intrinsic
 
 from .common import QK_K, read_f16
 from .kquant import (I16, I32, ROW_CHUNK, KQuant, Vec, block_decode, block_dot, c_matrix, decode_scratch, f16_at,
-                     group_scales, row_ptr, vec, ws_dot)
+                     fuse_matvec, group_scales, q8_k16, row_ptr, vec, ws_dot)
 
 TYPE_SIZE = 84
 
@@ -104,3 +104,4 @@ class Q2_K(KQuant):
     qtype = GGMLQuantizationType.Q2_K
     _dequantize = staticmethod(dequantize_q2_k)
     _kernel = staticmethod(matmul_q2_k_q8_k)
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q2_k_q8_k, "matvec_x_q2_k"))

@@ -9,9 +9,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import QK_K, read_f16, take_next
-from .kquant import (I8, I16, I32, MATVEC_CHUNK, ROW_CHUNK, KQuant, block_decode, block_dot_lanes, decode_scratch,
-                     f16_at, group_scales, hsum_float_8, make_matvec_experts, splat, ws_dot)
+from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
+from .kquant import (I16, I32, I8, ROW_CHUNK, KQuant, block_decode, block_dot_lanes, decode_scratch, f16_at,
+                     fuse_matvec, group_scales, hsum_float_8, make_matvec_experts, q8_k16, splat, task_rows, ws_dot)
 
 TYPE_SIZE = 110
 # llama.cpp multiplies batches of >= 8 tokens with its "tiled" kernel (ggml-cpu/tiled), whose
@@ -129,9 +129,10 @@ matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 8, "matvec_experts_q
 def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], qs i8|i16[n_tok, n_cols], d8 f32[n_tok, n_cols//256], bsums i32[n_tok, n_cols//16], w u8[n_rows, row_bytes]
     n_tok, n_rows = out.shape
     nb = qs.shape[1] // QK_K
-    chunk = ROW_CHUNK if n_tok > 1 else MATVEC_CHUNK
+    chunk = ROW_CHUNK if n_tok > 1 else task_rows(n_rows, n_par)
     n_chunks = (n_rows + chunk - 1) // chunk
     tiled = n_tok >= TILED_MIN_BATCH
+    ahead = rows_ahead(w)
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):  # one task per thread: the scratch is allocated once per thread
         buf = decode_scratch(n_tok if tiled else 1, nb)
@@ -142,6 +143,7 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
             if not tiled:  # vec_dot_q3_K_q8_K per token
                 for t in range(n_tok):
                     for r in range(r0, r1):
+                        prefetch_row(w, r + ahead)
                         out[t, r] = _row_q3_k(w, r, qs, d8, t, lanes)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
@@ -161,6 +163,7 @@ class Q3_K(KQuant):
     qtype = GGMLQuantizationType.Q3_K
     _dequantize = staticmethod(dequantize_q3_k)
     _kernel = staticmethod(matmul_q3_k_q8_k)
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q3_k_q8_k, "matvec_x_q3_k"))
     _experts = staticmethod(matvec_experts_q3_k)
 
     def quantize(self, w):

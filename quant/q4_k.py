@@ -22,9 +22,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import QK_K, q8_k_activation, read_f16, take_next
-from .kquant import (I16, I32, MATVEC_CHUNK, SIMD, Vec, c_matrix, check_expert_stacks, make_matvec_experts, row_ptr,
-                     specialise, splat, vec)
+from .common import (QK_K, FusedMatvec, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, read_f16, rows_ahead,
+                     take_next)
+from .kquant import (I16, I32, SIMD, Vec, c_matrix, check_expert_stacks, make_matvec_experts, row_ptr,
+                     specialise, splat, task_rows, vec)
 
 
 @njit(inline="always")
@@ -118,15 +119,18 @@ def block_dot_k45(five, simd=SIMD):
     return dot
 
 
-def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`); out f32[n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
+def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`); out f32[1, n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
     n_rows = w.shape[0]
+    chunk = task_rows(n_rows, n_par)
+    ahead = rows_ahead(w)
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
         acc = np.empty(2, np.float32)
         c = take_next(counter)
-        while c * MATVEC_CHUNK < n_rows:
-            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                out[r] = row(w, r, xq, d8, bs32, 0, acc)  # noqa: F821 (bound by specialise)
+        while c * chunk < n_rows:
+            for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+                prefetch_row(w, r + ahead)
+                out[0, r] = row(w, r, xq, d8, bs32, 0, acc)  # noqa: F821 (bound by specialise)
             c = take_next(counter)
 
 
@@ -139,7 +143,7 @@ def _matmul(out, xq, d8, bs32, w):  # template (make_kernels binds `row`); out f
 
 
 def make_kernels(five):
-    """(matvec, matmul, dequantize, matvec_experts) njit kernels for Q4_K (five=False) or Q5_K.
+    """(matvec, matmul, dequantize, matvec_experts, matvec_x) njit kernels for Q4_K (five=False) or Q5_K.
 
     `five` and the block size are closure constants, compiled in."""
     ts = 176 if five else 144
@@ -180,16 +184,16 @@ def make_kernels(five):
     def expert_row(w, r, act, t, acc):
         return row(w, r, act[0], act[1], act[2], t, acc)
 
-    return matvec, matmul, dequantize, make_matvec_experts(expert_row, 2, f"matvec_experts_{tag}")
+    experts = make_matvec_experts(expert_row, 2, f"matvec_experts_{tag}")
+    return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}")
 
 
-def with_32_sums(qs, d8, bsums):
-    """Q8_K activation (common.q8_k_activation output, [n_tok, ...]) -> what the kernels read:
-    (qs, d8, sums over 32): the 32-sums save adding pairs of 16-sums in every block of every row."""
-    return qs, d8, bsums.reshape(*bsums.shape[:-1], -1, 2).sum(axis=-1, dtype=np.int32)
+@njit(inline="always")
+def q8_k32(x):  # x f32[n_tok, n] -> KQuant45's prepared activation, on this thread
+    return q8_k_serial(x, 32)
 
 
-class KQuant45(QuantType):
+class KQuant45(FusedMatvec, QuantType):
     """Driver shared by Q4_K and Q5_K; subclasses set `kernels = make_kernels(five)`.
 
     `prepare` gives x as Q8_K with 32-sums (act_format "q8_k32"), for any
@@ -198,11 +202,15 @@ class KQuant45(QuantType):
     act_format = "q8_k32"
     kernels: tuple
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._matvec_x = staticmethod(cls.kernels[4])
+
     def dequantize_into(self, out, w):
         self.kernels[2](out, w)
 
     def prepare(self, x):
-        return with_32_sums(*q8_k_activation(x))
+        return q8_k_activation(x, 32)
 
     def matmul_prepared_into(self, out, act, w):
         """out f32[n_tok, n_rows] = W @ x for x prepared by `prepare` (one token: the matvec kernel)."""
@@ -213,7 +221,7 @@ class KQuant45(QuantType):
             raise ValueError(f"{self.qtype.name}: activation of {act[0].shape} and output of {out.shape} "
                              f"do not fit weights of {w.shape[0]} x {n_cols}")
         if n_tok == 1:
-            self.kernels[0](out[0], *act, w, numba.get_num_threads())
+            self.kernels[0](out, *act, w, numba.get_num_threads())
         else:
             self.kernels[1](out, *act, w)
 

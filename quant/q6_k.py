@@ -12,9 +12,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from .common import QK_K, read_f16, take_next
-from .kquant import (I16, MATVEC_CHUNK, ROW_CHUNK, KQuant, block_decode, block_dot, decode_scratch, f16_at,
-                     group_scales, make_matvec_experts, ws_dot)
+from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
+from .kquant import (I16, ROW_CHUNK, KQuant, block_decode, block_dot, decode_scratch, f16_at, fuse_matvec, group_scales,
+                     make_matvec_experts, q8_k16, task_rows, ws_dot)
 
 TYPE_SIZE = 210
 
@@ -78,8 +78,9 @@ matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, 0, "matvec_experts_q
 def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], qs i8|i16[n_tok, n_cols], d8 f32[n_tok, n_cols//256], bsums i32[n_tok, n_cols//16], w u8[n_rows, row_bytes]
     n_tok, n_rows = out.shape
     nb = qs.shape[1] // QK_K
-    chunk = ROW_CHUNK if n_tok > 1 else MATVEC_CHUNK
+    chunk = ROW_CHUNK if n_tok > 1 else task_rows(n_rows, n_par)
     n_chunks = (n_rows + chunk - 1) // chunk
+    ahead = rows_ahead(w)
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
         buf = decode_scratch(n_tok, nb)
@@ -88,6 +89,7 @@ def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
             if n_tok == 1:  # matvec: fused, the weights never leave registers
                 for r in range(r0, r1):
+                    prefetch_row(w, r + ahead)
                     out[0, r] = _row_q6_k(w, r, qs, d8, 0)
             else:  # decode the row chunk once, then dot it with every token (same float steps)
                 for r in range(r0, r1):
@@ -108,6 +110,7 @@ class Q6_K(KQuant):
     qtype = GGMLQuantizationType.Q6_K
     _dequantize = staticmethod(dequantize_q6_k)
     _kernel = staticmethod(matmul_q6_k_q8_k)
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q6_k_q8_k, "matvec_x_q6_k"))
     _experts = staticmethod(matvec_experts_q6_k)
 
     def quantize(self, w):

@@ -48,6 +48,15 @@ def quantize_q8_rows(x, qs, d, s):  # x f32[n_tok, n], qs i8[n_tok, n], d/s f32[
         quantize_q8(x[t], qs[t], d[t], s[t])
 
 
+@njit(cache=True, nogil=True)
+def q8_serial(x):  # x f32[n_tok, n] -> (qs i8[n_tok, n], d f32[n_tok, n//32], s f32[n_tok, n//32]), on this thread
+    qs, d, s = np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // QK8), np.float32), \
+        np.empty((x.shape[0], x.shape[1] // QK8), np.float32)
+    for t in range(x.shape[0]):
+        quantize_q8(x[t], qs[t], d[t], s[t])
+    return qs, d, s
+
+
 def q8_buffers(n_tok: int, n: int):
     """Empty (qs, d, s) for n_tok rows of n activations (n % 32 == 0)."""
     return (np.empty((n_tok, n), np.int8), np.empty((n_tok, n // QK8), np.float32),

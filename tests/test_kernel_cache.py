@@ -2,7 +2,7 @@
 
 numba keys a cached closure on its pickled cell contents; a dispatcher or intrinsic pickles
 with a per-process id, so a cache=True closure over one recompiled at every start (a Q4_K_M
-model's `localmoe run` spent ~4 s on it). quant/kquant.specialise binds such kernels as globals."""
+model's `localmoe run` spent ~4 s on it). quant/common.specialise binds such kernels as globals."""
 import importlib
 import os
 import pkgutil
@@ -29,6 +29,8 @@ def _cached_dispatchers():
     seen = set()
 
     def walk(where, value, depth=0):
+        if isinstance(value, staticmethod):
+            value = value.__func__
         if isinstance(value, Dispatcher):
             if type(value._cache).__name__ != "NullCache" and id(value) not in seen:  # cache=True
                 seen.add(id(value))
@@ -54,7 +56,7 @@ def test_no_cached_kernel_closes_over_unpicklable_state():
     assert not bad, f"cache=True kernels whose closure changes key every process: {bad}"
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q3_K", "Q8_0"])
 def test_second_process_compiles_nothing(tmp_path, qtype):
     code = textwrap.dedent(f"""
         import numpy as np
@@ -62,7 +64,8 @@ def test_second_process_compiles_nothing(tmp_path, qtype):
         import localmoe.quant as q
         from localmoe.quant import quant_type
         qt = quant_type(T.{qtype})
-        w = np.zeros((2, 64, GGML_QUANT_SIZES[T.{qtype}][1]), np.uint8)
+        bs, ts = GGML_QUANT_SIZES[T.{qtype}]
+        w = np.zeros((2, 64, 256 // bs * ts), np.uint8)
         act = qt.prepare(np.ones((1, 256), np.float32))
         out = np.empty((1, 2, 64), np.float32)
         qt.matvec_experts_into(out, act, [w], np.array([0, 1]), np.array([0, 0]))
