@@ -138,6 +138,7 @@ def ggml_lib():
         (cpu, "ggml_backend_cpu_reg"): ([], P), (cpu, "ggml_backend_cpu_init"): ([], P),
         (cpu, "ggml_backend_cpu_set_n_threads"): ([P, ctypes.c_int], None),
         (cpu, "ggml_graph_compute_with_ctx"): ([P, P, ctypes.c_int], ctypes.c_int),
+        (cpu, "quantize_row_q8_K"): ([P, P, I64], None),  # ggml-cpu/quants.h: the activation conversion
     }
     lib = {}
     for (so, name), (args, res) in sigs.items():

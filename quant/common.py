@@ -25,33 +25,33 @@ def read_f16(w, r, o):
     return F16_TO_F32[np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8)]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: an inf in x gives d = -inf as in ggml, not an exception
 def quantize_q8_k(x, qs, d, bsums):
-    """Like ggml's quantize_row_q8_K_ref (the x86 CPU path).
+    """Like ggml's quantize_row_q8_K_ref (the x86 CPU path), in loops LLVM vectorizes.
 
     x: f32[n]  qs: i8[n]  d: f32[n // 256]  bsums: i32[n // 16]; n % 256 == 0.
     """
+    bits = x.view(np.int32)
     for b in range(x.size // QK_K):
         base = b * QK_K
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)
-        for j in range(QK_K):
-            ax = abs(x[base + j])
-            if ax > amax:
-                amax = ax
-                vmax = x[base + j]
+        # ggml keeps the first x of largest |x| (NaN never compares larger). As integers, |x|'s
+        # bits order like the floats; NaNs count as 0. Integer max/min reductions vectorize.
+        amax = np.int32(0)
+        for j in range(base, base + QK_K):
+            ab = bits[j] & np.int32(0x7FFFFFFF)
+            amax = max(amax, ab if ab <= np.int32(0x7F800000) else np.int32(0))
         if amax == 0:
             d[b] = 0
-            for j in range(QK_K):
-                qs[base + j] = 0
-            for j in range(QK_K // 16):
-                bsums[b * 16 + j] = 0
+            qs[base:base + QK_K] = 0
+            bsums[b * 16:b * 16 + 16] = 0
             continue
-        iscale = np.float32(-127.0) / vmax
+        first = QK_K
         for j in range(QK_K):
+            first = min(first, j if bits[base + j] & np.int32(0x7FFFFFFF) == amax else QK_K)
+        iscale = np.float32(-127.0) / x[base + first]
+        for j in range(base, base + QK_K):
             # rint == ggml's nearest_int (round half to even) for |v| <= 2^22
-            v = np.int32(np.rint(iscale * x[base + j]))
-            qs[base + j] = min(127, v)
+            qs[j] = min(127, np.int32(np.rint(iscale * x[j])))
         for j in range(QK_K // 16):
             s = np.int32(0)
             for i in range(16):

@@ -102,3 +102,28 @@ def test_f32_router_logits_bit_exact(ggml, n_expert, n_embd, n_tok):
     ref = run_op(ggml, "ggml_mul_mat", w, x)
     ours = router_logits(Linear("ffn_gate_inp", 0, w.shape, w), x)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), "router logits vs ggml_mul_mat (tol: 0 ulp)"
+
+
+def test_q8_k_activation_bit_exact(ggml):
+    """x -> Q8_K (d, qs, bsums), what the K-quant matvecs dot with, against ggml's quantize_row_q8_K:
+    ties of |x| with either sign first, zero and -0 blocks, NaN and inf, tiny and huge scales."""
+    from localmoe.quant.common import quantize_q8_k
+    rng = np.random.default_rng(11)
+    n = 256 * 12
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 30, n // 256).repeat(256)).astype(np.float32)
+    blocks = x.reshape(-1, 256)
+    blocks[0, [3, 7, 200]] = [-5.0, 5.0, 5.0]  # the first of the largest |x| sets the sign of d
+    blocks[0][np.abs(blocks[0]) > 5] = 1.0
+    blocks[1] = 0.0
+    blocks[2] = -0.0
+    blocks[3, 9], blocks[4, 17], blocks[5, 100] = np.nan, np.inf, -np.inf
+    blocks[6] = rng.integers(-3, 4, 256)  # many ties
+    qs, d, bsums = np.empty(n, np.int8), np.empty(n // 256, np.float32), np.empty(n // 16, np.int32)
+    with np.errstate(all="ignore"):
+        quantize_q8_k(x, qs, d, bsums)
+    ref = np.zeros(n // 256, np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)]))
+    ggml["quantize_row_q8_K"](x.ctypes.data, ref.ctypes.data, n)
+    np.testing.assert_array_equal(d.view(np.uint32), ref["d"].view(np.uint32), err_msg="d (bits)")
+    np.testing.assert_array_equal(qs.reshape(-1, 256), ref["qs"], err_msg="qs")
+    live = ref["d"] != 0  # ggml leaves an all-zero block's bsums unwritten
+    np.testing.assert_array_equal(bsums.reshape(-1, 16)[live], ref["bsums"][live], err_msg="bsums")

@@ -127,3 +127,5 @@ def test_q4_k_prepared_activation_is_int8_with_32_sums():
     qs16, d16, bs16 = q8_k_activation(x)
     assert qs.dtype == np.int8 and (qs == qs16).all() and (d8 == d16).all(), "Q4_K activation: Q8_K quants and scales"
     np.testing.assert_array_equal(bs32, qs.astype(np.int32).reshape(2, -1, 32).sum(axis=2), err_msg="32-sums (exact)")
+    fused = quant_type(T.Q4_K).kernels[4].py_func.__globals__["prep"]  # the matvec_x kernel's own conversion
+    assert all((a == b).all() for a, b in zip(fused(x), (qs, d8, bs32))), "fused matvec's activation"
