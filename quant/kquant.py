@@ -134,6 +134,12 @@ class Vec:
         w = self.b.lshr(w, self.const(w, [a for a in amounts for _ in range(16)]))
         return self.b.bitcast(w, x.type)
 
+    def shl16(self, x, s):
+        """Bytes x shifted left by s within 16-bit lanes: bit k of a byte lands at bit k + s of it or
+        of the next byte up (what shr16 by up to s takes back, byte by byte)."""
+        w = self.b.bitcast(x, vec(I16, x.type.count // 2))
+        return self.b.bitcast(self.b.shl(w, self.const(w, s)), x.type)
+
     def f16(self, ptr, off):
         """The fp16 at byte ptr + off as float32 (vcvtph2ps)."""
         p = self.b.bitcast(self.b.gep(ptr, [ir.Constant(ir.IntType(64), off)]), ir.HalfType().as_pointer())

@@ -89,13 +89,16 @@ def lanes_q3_k(v, wp, qp, q8_dtype):
     b, h = v.b, v.width // 32
     sc16 = scales_q3_k(v, wp)
     hm = v.rep(v.load(wp, 0, 32), h)
+    hm4 = v.shl16(hm, 2)  # bits 0, 1 of hm at bits 2, 3 (bits 6, 7 of odd bytes are lost: not used)
     four = splat(I8, 32 * h, 4)
     acc = splat(I32, 8 * h, 0)
     for n in range(2):
         q2 = v.rep(v.load(wp, 32 + 32 * n, 32), h)
         for j in range(0, 4, h):
             cs = range(4 * n + j, 4 * n + j + h)  # chunk c: elements 32c..32c+31, hmask bit c
-            u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.shl(v.mask(v.shr16(hm, list(cs)), 1), 2))
+            # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
+            hb = v.shr16(hm4, list(cs)) if cs[0] < 2 else v.shr16(hm, [c - 2 for c in cs])
+            u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
             x = v.load_q8(qp, 32 * cs[0], 32 * h, q8_dtype)
             p16 = b.sub(v.maddubs(u, x), v.maddubs(four, x))  # |pair sums| <= 2 * 7 * 127: no saturation
             sc = v.shuffle(sc16, sc16, [2 * c + i // 8 for c in cs for i in range(16)])
