@@ -183,16 +183,20 @@ def prefetch(typingctx, w, r, o):
 # Software prefetch distance of the matvecs: the hardware prefetchers stop at 4 KiB page
 # boundaries, and weights (mmap'd files, numpy arrays under 4 MiB) sit on 4 KiB pages. Prefetching
 # one page ahead cut Q4_K 2048x768 from DRAM from 30-34 us to 26-28 us per call at 2 threads.
+# Only for rows shorter than that: a row's worth of prefetches at once (238 for a 14336-column
+# Q8_0 row) crowds out the demand loads (Q8_0 4096x14336 fell from ~40 to 21 GB/s).
 PF_BYTES = 4096
 
 
 @njit(inline="always")
-def rows_ahead(w):  # w u8[n_rows, row_bytes] -> how many rows ahead prefetch_row should look
-    return (PF_BYTES + w.shape[1] - 1) // w.shape[1]
+def rows_ahead(w):  # w u8[n_rows, row_bytes] -> how many rows ahead prefetch_row should look (0: none)
+    return (PF_BYTES + w.shape[1] - 1) // w.shape[1] if w.shape[1] < PF_BYTES else 0
 
 
 @njit(inline="always")
-def prefetch_row(w, r):
-    """Hint row r of w (u8[n_rows, row_bytes]) into cache; a row past the end is harmless (no fault)."""
-    for o in range(0, w.shape[1], 64):
-        prefetch(w, r, o)
+def prefetch_row(w, r, ahead):
+    """Hint row r + ahead of w (u8[n_rows, row_bytes]) into cache, unless ahead is 0; a row past the
+    end is harmless (prefetches do not fault)."""
+    if ahead:
+        for o in range(0, w.shape[1], 64):
+            prefetch(w, r + ahead, o)

@@ -318,7 +318,7 @@ def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matve
             w = ws[m][sel[s]]
             ahead = rows_ahead(w)
             for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                prefetch_row(w, r + ahead)
+                prefetch_row(w, r, ahead)
                 out[m, s, r] = row(w, r, act, xrow[s], scratch)  # noqa: F821 (bound by specialise)
             i = take_next(counter)
 

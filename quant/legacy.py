@@ -192,7 +192,7 @@ def _dot_row(wr, qy, dy, sy, kind):  # wr u8[row_bytes], qy i8[n_cols], dy/sy f3
 def matvec_q8act(out, qy, dy, sy, w, kind):  # out f32[n_rows], qy i8[n_cols], dy/sy f32[n_cols//32], w u8[n_rows, row_bytes]
     ahead = rows_ahead(w)
     for r in prange(w.shape[0]):
-        prefetch_row(w, r + ahead)
+        prefetch_row(w, r, ahead)
         out[r] = _dot_row(w[r], qy, dy, sy, kind)
 
 

@@ -146,7 +146,7 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
             if not tiled:  # vec_dot_q3_K_q8_K per token
                 for t in range(n_tok):
                     for r in range(r0, r1):
-                        prefetch_row(w, r + ahead)
+                        prefetch_row(w, r, ahead)
                         out[t, r] = _row_q3_k(w, r, qs, d8, t, lanes)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):

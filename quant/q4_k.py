@@ -129,7 +129,7 @@ def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`)
         c = take_next(counter)
         while c * chunk < n_rows:
             for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-                prefetch_row(w, r + ahead)
+                prefetch_row(w, r, ahead)
                 out[0, r] = row(w, r, xq, d8, bs32, 0, acc)  # noqa: F821 (bound by specialise)
             c = take_next(counter)
 

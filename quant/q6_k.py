@@ -89,7 +89,7 @@ def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
             if n_tok == 1:  # matvec: fused, the weights never leave registers
                 for r in range(r0, r1):
-                    prefetch_row(w, r + ahead)
+                    prefetch_row(w, r, ahead)
                     out[0, r] = _row_q6_k(w, r, qs, d8, 0)
             else:  # decode the row chunk once, then dot it with every token (same float steps)
                 for r in range(r0, r1):
