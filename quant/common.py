@@ -150,6 +150,24 @@ class FusedMatvec:
             super().matvec_into(out, x, w)
 
 
+def c_matrix(*tys):
+    """Typing guard for the intrinsics: their pointer arithmetic assumes C-contiguous 2-D arrays."""
+    return all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in tys)
+
+
+def row_ptr(context, builder, sig, args, i, idx=(1, 2)):
+    """Pointer to element a[r, off] for a = args[i] and r, off = args[i + idx[0]], args[i + idx[1]];
+    a C-contiguous 2-D (no bounds check)."""
+    aty, arr = sig.args[i], args[i]
+    r, off = (context.cast(builder, args[i + j], sig.args[i + j], types.int64) for j in idx)
+    a = context.make_array(aty)(context, builder, arr)
+    stride = cgutils.unpack_tuple(builder, a.strides)[0]
+    size = ir.Constant(ir.IntType(64), context.get_abi_sizeof(context.get_data_type(aty.dtype)))
+    byte_ptr = builder.bitcast(a.data, ir.IntType(8).as_pointer())
+    p = builder.gep(byte_ptr, [builder.add(builder.mul(r, stride), builder.mul(off, size))])
+    return builder.bitcast(p, a.data.type)
+
+
 @intrinsic
 def take_next(typingctx, counter):
     """Atomically counter[0] += 1, returning the old value: threads take work items from a
@@ -165,13 +183,10 @@ def take_next(typingctx, counter):
 
 @intrinsic
 def prefetch(typingctx, w, r, o):
-    """Hint the cache line of w[r, o] (a C-contiguous 2-D array; no bounds check needed) into L1."""
-    if isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C":
+    """Hint the cache line of w[r, o] (a C-contiguous 2-D u8 array; no bounds check needed) into L1."""
+    if c_matrix(w) and w.dtype == types.uint8:
         def codegen(context, builder, sig, args):
-            a = context.make_array(sig.args[0])(context, builder, args[0])
-            r_, o_ = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], sig.args[1:]))
-            stride = cgutils.unpack_tuple(builder, a.strides)[0]
-            p = builder.gep(builder.bitcast(a.data, ir.IntType(8).as_pointer()), [builder.add(builder.mul(r_, stride), o_)])
+            p = row_ptr(context, builder, sig, args, 0)
             i32 = ir.IntType(32)
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [p.type, i32, i32, i32]),
                                                 "llvm.prefetch.p0i8")

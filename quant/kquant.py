@@ -23,8 +23,8 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import (QK_K, FusedMatvec, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, rows_ahead, specialise,
-                     take_next)
+from .common import (QK_K, FusedMatvec, c_matrix, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, row_ptr,
+                     rows_ahead, specialise, take_next)
 
 ROW_CHUNK = 16  # rows per parallel task; decoded for prefill, 16 rows of int16 stay in L2
 # rows per task of a matvec: long runs of each thread's rows keep the hardware prefetchers
@@ -176,24 +176,6 @@ class Vec:
     def madd(self, a, b):
         """<n x i16> a times b -> <n/2 x i32>, pairs summed (vpmaddwd)."""
         return self._pairs(a, b, I32, _PAIR_OPS[self.width][1])
-
-
-def c_matrix(*tys):
-    """Typing guard for the intrinsics: their pointer arithmetic assumes C-contiguous 2-D arrays."""
-    return all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in tys)
-
-
-def row_ptr(context, builder, sig, args, i, idx=(1, 2)):
-    """Pointer to element a[r, off] for a = args[i] and r, off = args[i + idx[0]], args[i + idx[1]];
-    a C-contiguous 2-D (no bounds check)."""
-    aty, arr = sig.args[i], args[i]
-    r, off = (context.cast(builder, args[i + j], sig.args[i + j], types.int64) for j in idx)
-    a = context.make_array(aty)(context, builder, arr)
-    stride = cgutils.unpack_tuple(builder, a.strides)[0]
-    size = ir.Constant(ir.IntType(64), context.get_abi_sizeof(context.get_data_type(aty.dtype)))
-    byte_ptr = builder.bitcast(a.data, I8.as_pointer())
-    p = builder.gep(byte_ptr, [builder.add(builder.mul(r, stride), builder.mul(off, size))])
-    return builder.bitcast(p, a.data.type)
 
 
 @intrinsic

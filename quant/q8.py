@@ -66,9 +66,9 @@ def q8_buffers(n_tok: int, n: int):
 def quantize_activations(x: np.ndarray):
     """(qs, d, s) for f32 x of shape [n] or [n_tok, n]; results keep x's leading shape."""
     x2 = x.reshape(-1, x.shape[-1])
-    bufs = q8_buffers(*x2.shape)
     if x2.shape[0] == 1:
-        quantize_q8(x2[0], bufs[0][0], bufs[1][0], bufs[2][0])
+        bufs = q8_serial(x2)
     else:
+        bufs = q8_buffers(*x2.shape)
         quantize_q8_rows(x2, *bufs)
     return tuple(b.reshape(*x.shape[:-1], b.shape[-1]) for b in bufs)
