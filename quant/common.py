@@ -8,6 +8,7 @@ import types as pytypes
 
 import numba
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -121,33 +122,51 @@ def specialise(template, name: str, parallel=True, **bound):
     return njit(cache=True, nogil=True, parallel=parallel)(fn)
 
 
-def _matvec_x(out, x, w, n_par):  # template, see FusedMatvec; out f32[1, n_rows], x f32[1, n_cols], w u8[n_rows, row_bytes]
-    a, b, c = prep(x)  # noqa: F821 (bound by specialise)
-    kernel(out, a, b, c, w, n_par)  # noqa: F821 (bound by specialise)
+def _matvec_x(out, x, w):  # template, see FusedMatvec; out f32[n_rows], x f32[n_cols], w u8[n_rows, row_bytes]
+    n = x.size
+    if n % BLOCK or w.shape[0] != out.size or w.shape[1] != n // BLOCK * TYPE_SIZE:  # noqa: F821 (bound by specialise)
+        raise ValueError("matvec: shapes do not fit")
+    a, b, c = prep(x.reshape(1, n))  # noqa: F821 (bound by specialise)
+    kernel(out.reshape(1, out.size), a, b, c, w, n_threads())  # noqa: F821 (bound by specialise)
 
 
-def fuse_matvec(prep, kernel, name: str):
-    """Kernel `name`(out f32[1, n_rows], x f32[1, n_cols], w, n_par): kernel(out, *prep(x), w, n_par),
-    for prep(x) -> a 3-tuple activation and kernel(out, a, b, c, w, n_par) the matvec on it."""
-    return specialise(_matvec_x, name, parallel=False, kernel=kernel, prep=prep)
+# The one signature of a fuse_matvec kernel; anything else takes the general, checked path
+FUSED_SIG = (types.float32[::1], types.float32[::1], types.uint8[:, ::1])
+
+
+def fuse_matvec(prep, kernel, name: str, qtype):
+    """Kernel `name`(out f32[n_rows], x f32[n_cols], w): kernel(out[None], *prep(x[None]), w, n_threads) after a
+    shape check (ValueError), for prep(x) -> a 3-tuple activation and kernel(out, a, b, c, w, n_par) the matvec
+    on it; w holds rows of the GGML type qtype."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return specialise(_matvec_x, name, parallel=False, kernel=kernel, prep=prep, BLOCK=block, TYPE_SIZE=type_size)
 
 
 class FusedMatvec:
     """Mixin: `matvec_into` converts x and runs the matvec in one compiled call, `_matvec_x`
     (a `fuse_matvec` kernel): at MoE expert shapes a matvec lasts 20-40 us, and a separate
-    `prepare` (array allocations in Python, a second dispatch) added 4-6 us to it."""
+    `prepare` (array allocations in Python, a second dispatch) added 4-6 us to it. Its argument
+    checks are numba's dispatch (the one signature FUSED_SIG; TypeError for any other) and the
+    kernel's own shape check (ValueError): checking in Python cost 1.5 us a call."""
 
     _matvec_x = None
+    _fused_ready = False
 
     def matvec_into(self, out, x, w):
-        n = x.size
-        if (self._matvec_x is not None and x.dtype == np.float32 and out.dtype == np.float32 and w.dtype == np.uint8
-                and x.ndim == 1 and out.ndim == 1 and w.ndim == 2 and n % self.block_size == 0
-                and w.shape[0] == out.size and w.shape[1] == self.row_bytes(n)
-                and x.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable and w.flags.c_contiguous):
-            self._matvec_x(out[None], x[None], w, numba.get_num_threads())
-        else:  # the general path, with its checks and messages
+        if not self._fused_ready:
+            self._ready_fused()
+        try:
+            self._matvec_x(out, x, w)
+        except (TypeError, ValueError):  # the general path, with its checks and messages
             super().matvec_into(out, x, w)
+
+    @classmethod
+    def _ready_fused(cls):
+        """Compile (or load from cache) FUSED_SIG only, and let no call compile another."""
+        k = cls._matvec_x
+        k.compile(FUSED_SIG)
+        k.disable_compile()
+        cls._fused_ready = True
 
 
 def c_matrix(*tys):
@@ -166,6 +185,18 @@ def row_ptr(context, builder, sig, args, i, idx=(1, 2)):
     byte_ptr = builder.bitcast(a.data, ir.IntType(8).as_pointer())
     p = builder.gep(byte_ptr, [builder.add(builder.mul(r, stride), builder.mul(off, size))])
     return builder.bitcast(p, a.data.type)
+
+
+@intrinsic
+def n_threads(typingctx):
+    """numba.get_num_threads() for cached kernels: numba's own overload calls a ctypes pointer, which
+    keeps a kernel out of the cache; this calls the threading layer's symbol by name, as parfors do."""
+    numba.get_num_threads()  # loads the threading layer, which registers the symbol
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
+        return builder.call(fn, [])  # declared as numba's parfors declare it
+    return types.intp(), codegen
 
 
 @intrinsic

@@ -332,7 +332,7 @@ class KQuant(FusedMatvec, QuantType):
 
     Subclasses set `_dequantize(out, w)`, `_kernel(out, qs, d8, bsums, w, n_par)`, for a
     fused MoE decode step `_experts` (a `make_matvec_experts` kernel), and `_matvec_x =
-    fuse_matvec(q8_k16, _kernel, name)`.
+    fuse_matvec(q8_k16, _kernel, name, qtype)`.
     The kernels trust their shapes (the dot intrinsics do no bounds checks), so
     everything is checked here.
     """

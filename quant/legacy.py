@@ -251,7 +251,7 @@ class _Legacy(FusedMatvec, QuantType):
         super().__init_subclass__(**kw)
         name = cls.qtype.name.lower()
         kernel = specialise(_matvec_kind, f"matvec_{name}", parallel=False, KIND=int(cls.qtype), matvec_q8act=matvec_q8act)
-        cls._matvec_x = staticmethod(fuse_matvec(q8_serial, kernel, f"matvec_x_{name}"))
+        cls._matvec_x = staticmethod(fuse_matvec(q8_serial, kernel, f"matvec_x_{name}", cls.qtype))
 
     def dequantize_into(self, out, w):
         dequantize_legacy(out, w, int(self.qtype))

@@ -104,4 +104,4 @@ class Q2_K(KQuant):
     qtype = GGMLQuantizationType.Q2_K
     _dequantize = staticmethod(dequantize_q2_k)
     _kernel = staticmethod(matmul_q2_k_q8_k)
-    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q2_k_q8_k, "matvec_x_q2_k"))
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q2_k_q8_k, "matvec_x_q2_k", GGMLQuantizationType.Q2_K))

@@ -166,7 +166,7 @@ class Q3_K(KQuant):
     qtype = GGMLQuantizationType.Q3_K
     _dequantize = staticmethod(dequantize_q3_k)
     _kernel = staticmethod(matmul_q3_k_q8_k)
-    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q3_k_q8_k, "matvec_x_q3_k"))
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q3_k_q8_k, "matvec_x_q3_k", GGMLQuantizationType.Q3_K))
     _experts = staticmethod(matvec_experts_q3_k)
 
     def quantize(self, w):

@@ -185,7 +185,8 @@ def make_kernels(five):
         return row(w, r, act[0], act[1], act[2], t, acc)
 
     experts = make_matvec_experts(expert_row, 2, f"matvec_experts_{tag}")
-    return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}")
+    return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}",
+                                                       GGMLQuantizationType.Q5_K if five else GGMLQuantizationType.Q4_K)
 
 
 @njit(inline="always")

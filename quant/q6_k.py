@@ -110,7 +110,7 @@ class Q6_K(KQuant):
     qtype = GGMLQuantizationType.Q6_K
     _dequantize = staticmethod(dequantize_q6_k)
     _kernel = staticmethod(matmul_q6_k_q8_k)
-    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q6_k_q8_k, "matvec_x_q6_k"))
+    _matvec_x = staticmethod(fuse_matvec(q8_k16, matmul_q6_k_q8_k, "matvec_x_q6_k", GGMLQuantizationType.Q6_K))
     _experts = staticmethod(matvec_experts_q6_k)
 
     def quantize(self, w):

@@ -129,3 +129,32 @@ def test_q4_k_prepared_activation_is_int8_with_32_sums():
     np.testing.assert_array_equal(bs32, qs.astype(np.int32).reshape(2, -1, 32).sum(axis=2), err_msg="32-sums (exact)")
     fused = quant_type(T.Q4_K).kernels[4].py_func.__globals__["prep"]  # the matvec_x kernel's own conversion
     assert all((a == b).all() for a, b in zip(fused(x), (qs, d8, bs32))), "fused matvec's activation"
+
+
+@pytest.mark.parametrize("qtype", [T.Q3_K, T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_fused_matvec_checks_and_fallback(qtype):
+    """matvec_into's one-call kernel (FusedMatvec) gives the prepared path's bits; other layouts take the
+    general path (same result, no new compilation), and shapes that do not fit get its error."""
+    qt = quant_type(qtype)
+    rng = np.random.default_rng(7)
+    n_rows, n_cols = 40, 512
+    w = rng.integers(0, 256, (n_rows, qt.row_bytes(n_cols)), dtype=np.uint8)
+    blk = w.reshape(n_rows, -1, qt.type_size)
+    off = {T.Q3_K: 108, T.Q4_K: 0, T.Q6_K: 208, T.Q8_0: 0}[qtype]
+    blk[..., off:off + 2] = ONE_F16
+    if qtype == T.Q4_K:
+        blk[..., 2:4] = ONE_F16
+    x = rng.standard_normal(2 * n_cols).astype(np.float32)
+    want = np.empty((1, n_rows), np.float32)
+    qt.matmul_prepared_into(want, qt.prepare(x[None, :n_cols].copy()), w)
+    got = np.empty(n_rows, np.float32)
+    qt.matvec_into(got, x[:n_cols], w)
+    np.testing.assert_array_equal(got, want[0], err_msg="fused path")
+    strided = np.empty(n_rows, np.float32)
+    view = np.zeros(2 * n_cols, np.float32)
+    view[::2] = x[:n_cols]
+    qt.matvec_into(strided, view[::2], w)  # non-contiguous x: the general path
+    np.testing.assert_array_equal(strided, want[0], err_msg="general path (strided x)")
+    assert len(type(qt)._matvec_x.signatures) == 1, "the fused kernel compiled a second signature"
+    with pytest.raises(ValueError, match=qt.qtype.name):
+        qt.matvec_into(np.empty(n_rows, np.float32), x[:n_cols - qt.block_size], w)
