@@ -7,11 +7,13 @@ Element 128n + 32j + l takes bits 2j of qs[32n + l] and bit 4n + j of hmask[l].
 """
 import numpy as np
 from gguf import GGMLQuantizationType
+from llvmlite import ir
 from numba import njit, prange
 
 from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
-from .kquant import (I16, I32, I8, ROW_CHUNK, KQuant, block_decode, block_dot_lanes, decode_scratch, f16_at,
-                     fuse_matvec, group_scales, hsum_float_8, make_matvec_experts, q8_k16, splat, task_rows, ws_dot)
+from .kquant import (I16, I32, I8, ROW_CHUNK, KQuant, block_decode, decode_scratch, f16_at,
+                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, row_dot_lanes, splat, task_rows, vec,
+                     ws_dot)
 
 TYPE_SIZE = 110
 # llama.cpp multiplies batches of >= 8 tokens with its "tiled" kernel (ggml-cpu/tiled), whose
@@ -57,7 +59,13 @@ def dequantize_q3_k(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
 
 def scales_q3_k(v, wp):
     """<16 x i16>: the block's 16 signed scales (6-bit value - 32)."""
-    # low nibbles of bytes 96..103 then their high nibbles, high 2 bits from bytes 104..107 at bit 2 * (s // 4)
+    # scale s: low 4 bits from nibble s // 8 of byte 96 + s % 8, high 2 from bits 2 * (s // 4) of byte 104 + s % 4
+    if v.vbmi:  # two vpmultishiftqb cut both fields out of the packed bytes, the high bits landing at bits 4-5
+        i64 = ir.IntType(64)
+        lo8, hi8 = (v.b.bitcast(v.rep(v.load(wp, o, 1, i64), 2), vec(I8, 16)) for o in (96, 100))
+        lo = v.multishift([8 * (s % 8) + 4 * (s // 8) for s in range(16)], lo8)
+        hi = v.multishift([(32 + 8 * (s % 4) + 2 * (s // 4) - 4) % 64 for s in range(16)], hi8)
+        return v.sext(v.sub(v.b.or_(v.mask(lo, 15), v.mask(hi, 48)), 32), I16)
     lo8 = v.load(wp, 96, 8)
     lo = v.shuffle(v.mask(lo8, 15), v.shr(lo8, 4), list(range(16)))
     hb = v.load(wp, 104, 4)
@@ -87,18 +95,21 @@ def lanes_q3_k(v, wp, qp, q8_dtype):
     chunks of 32 elements at a time. u = low2 + 4 * hbit is unsigned, q = u - 4: q . x = u . x - 4 . x
     (measured 10% faster than ggml's low2 . x - (4 where the bit is clear) . x)."""
     b, h = v.b, v.width // 32
-    sc16 = scales_q3_k(v, wp)
+    sc16 = v.opaque(scales_q3_k(v, wp))
     hm = v.rep(v.load(wp, 0, 32), h)
-    hm4 = v.shl16(hm, 2)  # bits 0, 1 of hm at bits 2, 3 (bits 6, 7 of odd bytes are lost: not used)
+    hm4 = None if v.vbmi else v.shl16(hm, 2)  # bits 0, 1 of hm at bits 2, 3 (bits 6, 7 of odd bytes are lost: not used)
     four = splat(I8, 32 * h, 4)
     acc = splat(I32, 8 * h, 0)
     for n in range(2):
         q2 = v.rep(v.load(wp, 32 + 32 * n, 32), h)
         for j in range(0, 4, h):
             cs = range(4 * n + j, 4 * n + j + h)  # chunk c: elements 32c..32c+31, hmask bit c
-            # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
-            hb = v.shr16(hm4, list(cs)) if cs[0] < 2 else v.shr16(hm, [c - 2 for c in cs])
-            u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
+            if v.vbmi:  # u's bits 0-1 from bits 2c % 8 of q2, bit 2 from bit c of hm: a vgf2p8affineqb each
+                lo = v.bit_select(q2, [[2 * (c % 4), 2 * (c % 4) + 1] for c in cs for _ in range(4)])
+                u = b.or_(lo, v.bit_select(hm, [[None, None, c] for c in cs for _ in range(4)]))
+            else:  # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
+                hb = v.shr16(hm4, list(cs)) if cs[0] < 2 else v.shr16(hm, [c - 2 for c in cs])
+                u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
             x = v.load_q8(qp, 32 * cs[0], 32 * h, q8_dtype)
             p16 = b.sub(v.maddubs(u, x), v.maddubs(four, x))  # |pair sums| <= 2 * 7 * 127: no saturation
             sc = v.shuffle(sc16, sc16, [2 * c + i // 8 for c in cs for i in range(16)])
@@ -106,26 +117,17 @@ def lanes_q3_k(v, wp, qp, q8_dtype):
     return v.fold8(acc)
 
 
-dot_lanes_q3_k_q8_k = block_dot_lanes(lanes_q3_k)
 decode_q3_k = block_decode(weights_q3_k)
+# vec_dot_q3_K_q8_K of row r and token t, fused: the weights never leave registers
+row_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108)
 
 
 @njit(inline="always")
-def _row_q3_k(w, r, qs, d8, t, lanes):
-    """vec_dot_q3_K_q8_K of row r and token t, fused: the weights never leave registers. lanes: f32[8] scratch."""
-    lanes[:] = 0
-    for b in range(qs.shape[1] // QK_K):
-        o = b * TYPE_SIZE
-        dot_lanes_q3_k_q8_k(w, r, o, qs, t, b * QK_K, d8[t, b] * f16_at(w, r, o + 108), lanes)
-    return hsum_float_8(lanes)
+def _expert_row_q3_k(w, r, act, t, scratch):
+    return row_q3_k(w, r, act[0], act[1], t)
 
 
-@njit(inline="always")
-def _expert_row_q3_k(w, r, act, t, lanes):
-    return _row_q3_k(w, r, act[0], act[1], t, lanes)
-
-
-matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 8, "matvec_experts_q3_k")
+matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 0, "matvec_experts_q3_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -139,7 +141,6 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):  # one task per thread: the scratch is allocated once per thread
         buf = decode_scratch(n_tok if tiled else 1, nb)
-        lanes = np.empty(8, np.float32)
         c = take_next(counter)
         while c < n_chunks:
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
@@ -147,7 +148,7 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
                 for t in range(n_tok):
                     for r in range(r0, r1):
                         prefetch_row(w, r, ahead)
-                        out[t, r] = _row_q3_k(w, r, qs, d8, t, lanes)
+                        out[t, r] = row_q3_k(w, r, qs, d8, t)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
                     for b in range(nb):

@@ -6,16 +6,17 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K as GQ4_K
 from gguf.quants import dequantize as gguf_dequantize
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from localmoe.quant import quant_type
-from localmoe.quant.common import q8_k_activation
-from localmoe.quant.kquant import SIMD
-from localmoe.quant.q3_k import block_dot_lanes, lanes_q3_k
+from localmoe.quant.common import c_matrix, q8_k_activation, row_ptr
+from localmoe.quant.kquant import SIMD, SIMD_LEVELS, Vec
+from localmoe.quant.q3_k import lanes_q3_k
 from localmoe.quant.q4_k import block_dot_k45
 
 # the instruction sets this CPU can run: generic IR always, then what kquant picked and below it
-SIMDS = [None] + ["avx2", "avx512bw"][:["avx2", "avx512bw"].index(SIMD) + 1] if SIMD else [None]
+SIMDS = [None] + list(SIMD_LEVELS[:SIMD_LEVELS.index(SIMD) + 1] if SIMD else [])
 ONE_F16 = np.array([0x3C00], "<u2").view(np.uint8)
 
 
@@ -34,13 +35,21 @@ def q8(n, seed):
 
 
 def q3_k_lanes_kernel(simd):
-    dot = block_dot_lanes(lanes_q3_k, simd)
+    @intrinsic
+    def lanes(typingctx, w, r, o, qs, t, qo, out, k, ko):  # out[k, ko:ko+8] <- the i32 lanes of w[r, o:] and qs[t, qo:]
+        def codegen(context, builder, sig, args):
+            ptr = [row_ptr(context, builder, sig, args, i) for i in (0, 3, 6)]
+            ints = lanes_q3_k(Vec(builder, simd), ptr[0], ptr[1], sig.args[3].dtype)
+            builder.store(ints, builder.bitcast(ptr[2], ints.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+        if c_matrix(w, qs, out) and out.dtype == types.int32:
+            return types.void(w, r, o, qs, t, qo, out, k, ko), codegen
 
     @njit
-    def run(w, qs, out):  # out f32[n_w, n_x, 8]: each block's lanes, via fma(1, lanes, 0)
+    def run(w, qs, out):  # out i32[n_w * n_x, 8]: each block's lanes
         for r in range(w.shape[0]):
             for t in range(qs.shape[0]):
-                dot(w, r, 0, qs, t, 0, np.float32(1.0), out[r, t])
+                lanes(w, r, 0, qs, t, 0, out, r * qs.shape[0] + t, 0)
     return run
 
 
@@ -64,9 +73,9 @@ def test_q3_k_lanes(simd, q8_dtype):
     iw = gguf_dequantize(w, T.Q3_K).reshape(-1, 256).astype(np.int64)
     # lane k: elements e with e % 32 in 4k..4k+3 (the i32 lanes of ggml's AVX2 kernel)
     want = (iw[:, None, :] * qs[None].astype(np.int64)).reshape(len(w), len(qs), 8, 8, 4).sum(axis=(2, 4))
-    got = np.zeros((len(w), len(qs), 8), np.float32)
+    got = np.zeros((len(w) * len(qs), 8), np.int32)
     q3_k_lanes_kernel(simd)(w, qs.astype(q8_dtype), got)
-    np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"Q3_K lanes, simd={simd} (exact)")
+    np.testing.assert_array_equal(got.reshape(len(w), len(qs), 8), want, err_msg=f"Q3_K lanes, simd={simd} (exact)")
 
 
 @pytest.mark.parametrize("simd", SIMDS, ids=str)
