@@ -283,6 +283,24 @@ def _decoded(v, wp):
 ws_dot = block_dot(_decoded, w_dtype=types.int16)
 
 
+def block_loop(context, builder, sig, args, type_size, arrays, block):
+    """Emit `for b in range(n_blocks): block(wp, ptrs)` over the blocks of row args[1] of the weights
+    args[0] (type_size bytes each; n_blocks = the second dim of args[arrays[-1][0]]): wp points at block b,
+    ptrs[i] at element [args[row], step * b] of args[a] for (a, row, step) = arrays[i]."""
+    i64 = ir.IntType(64)
+    zero = context.get_constant(types.intp, 0)
+
+    def start(a, row):  # pointer to element [row, 0] of args[a]
+        return row_ptr(context, builder, types.void(sig.args[a], sig.args[row], types.intp), [args[a], args[row], zero], 0)
+    w0, starts = start(0, 1), [start(a, row) for a, row, _ in arrays]
+    last = arrays[-1][0]
+    nb = cgutils.unpack_tuple(builder, context.make_array(sig.args[last])(context, builder, args[last]).shape)[1]
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        wp = builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))])
+        block(wp, [builder.gep(p, [builder.mul(b, ir.Constant(i64, step))]) for p, (_, _, step) in zip(starts, arrays)])
+
+
 def row_dot_lanes(lanes, type_size, d_off, simd=SIMD):
     """Intrinsic dot(w, r, qs, d8, t) -> f32: row r of w (blocks of type_size bytes, fp16 d at byte d_off)
     dotted with token t of the Q8_K activation (qs i8|i16, d8), in ggml's AVX2 float steps: per block
@@ -294,21 +312,13 @@ def row_dot_lanes(lanes, type_size, d_off, simd=SIMD):
     def dot(typingctx, w, r, qs, d8, t):
         def codegen(context, builder, sig, args):
             v = Vec(builder, simd)
-            i64, f32 = ir.IntType(64), ir.FloatType()
-            nb = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, args[3]).shape)[1]
-            zero = context.get_constant(types.intp, 0)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vec(ir.FloatType(), 8), [0.0] * 8))
 
-            def start(a, row):  # pointer to element [row, 0] of args[a]
-                return row_ptr(context, builder, types.void(sig.args[a], sig.args[row], types.intp),
-                               [args[a], args[row], zero], 0)
-            w0, q0, d0 = start(0, 1), start(2, 4), start(3, 4)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(vec(f32, 8), [0.0] * 8))
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                wp = builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))])
-                qp = builder.gep(q0, [builder.mul(b, ir.Constant(i64, QK_K))])
-                d = builder.fmul(builder.load(builder.gep(d0, [b])), v.f16(wp, d_off))
+            def block(wp, ptrs):
+                qp, dp = ptrs
+                d = builder.fmul(builder.load(dp), v.f16(wp, d_off))
                 builder.store(fma_lanes(builder, d, lanes(v, wp, qp, sig.args[2].dtype), builder.load(acc)), acc)
+            block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block)
             a = builder.load(acc)
             e = [builder.extract_element(a, ir.Constant(I32, k)) for k in range(8)]
             r0, r1, r2, r3 = (builder.fadd(e[k + 4], e[k]) for k in range(4))  # ggml's hsum_float_8 order

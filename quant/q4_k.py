@@ -19,13 +19,14 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .base import QuantType
 from .common import (QK_K, FusedMatvec, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, read_f16, rows_ahead,
                      take_next)
-from .kquant import (I16, I32, SIMD, Vec, c_matrix, check_expert_stacks, make_matvec_experts, row_ptr,
-                     specialise, splat, task_rows, vec)
+from .kquant import (I16, I32, SIMD, Vec, block_loop, c_matrix, check_expert_stacks, make_matvec_experts, specialise,
+                     splat, task_rows, vec)
 
 
 @njit(inline="always")
@@ -89,33 +90,41 @@ def lanes_k45(five):
     return emit
 
 
-def block_dot_k45(five, simd=SIMD):
-    """Intrinsic dot(w, r, o, qs, bs32, t, qo, bo, d8, acc) for the block at w[r, o:] and token t of the
-    activation (quants qs[t, qo:], 32-sums bs32[t, bo:], scale d8), in float32 without fma:
-    acc[0] += (d8 * d) * sumi, acc[1] += (-d8 * dmin) * summ, sumi the sum of the `lanes_k45` lanes and
-    summ = sum_j min_j * s_j (s: the 32-sums). Unchecked indices."""
+def block_sums_k45(v, wp, qp, bp, q8_dtype, lanes):
+    """(sumi, summ) i32 of the block at wp and the activation's quants at qp and 32-sums at bp: sumi the
+    sum of the `lanes_k45` lanes, summ = sum_j min_j * s_j (s: the 32-sums)."""
+    sumi = v.reduce_add(lanes(v, wp, qp, q8_dtype))
+    sums = v.b.trunc(v.load(bp, 0, 8, I32), vec(I16, 8))  # the 32-sums fit int16 (32 * 127): vpmaddwd
+    return sumi, v.reduce_add(v.madd(v.zext(scales_mins_k4(v, wp)[1], I16), sums))
+
+
+def row_dot_k45(five, simd=SIMD):
+    """Intrinsic dot(w, r, qs, bs32, d8, t) -> f32: row r of w dotted with token t of the activation (quants
+    qs, 32-sums bs32, scales d8), in float32 without fma, per block (`block_sums_k45`)
+    y += (d8 * d) * sumi, ym += (-d8 * dmin) * summ; then y + ym. The block loop is emitted here (kquant.
+    block_loop), y and ym in registers. Unchecked indices."""
+    ts = 176 if five else 144
     lanes = lanes_k45(five)
 
     @intrinsic
-    def dot(typingctx, w, r, o, qs, bs32, t, qo, bo, d8, acc):
+    def dot(typingctx, w, r, qs, bs32, d8, t):
         def codegen(context, builder, sig, args):
             v = Vec(builder, simd)
-            wp = row_ptr(context, builder, sig, args, 0)
-            qp, bp = row_ptr(context, builder, sig, args, 3, (2, 3)), row_ptr(context, builder, sig, args, 4, (1, 3))
-            sumi = v.reduce_add(lanes(v, wp, qp, sig.args[3].dtype))
-            # the 32-sums fit int16 (32 * 127): vpmaddwd on mins and sums
-            sums = builder.trunc(v.load(bp, 0, 8, I32), vec(I16, 8))
-            summ = v.reduce_add(v.madd(v.zext(scales_mins_k4(v, wp)[1], I16), sums))
-            ap = context.make_array(sig.args[9])(context, builder, args[9]).data
-            for i, (d, isum) in enumerate(((builder.fmul(args[8], v.f16(wp, 0)), sumi),
-                                           (builder.fmul(builder.fneg(args[8]), v.f16(wp, 2)), summ))):
-                p = builder.gep(ap, [ir.Constant(ir.IntType(64), i)])
-                term = builder.fmul(d, builder.sitofp(isum, ir.FloatType()))
-                builder.store(builder.fadd(builder.load(p), term), p)
-            return context.get_dummy_value()
-        if (c_matrix(w, qs, bs32) and bs32.dtype == types.int32 and d8 == types.float32
-                and isinstance(acc, types.Array) and acc.dtype == types.float32):
-            return types.void(w, r, o, qs, bs32, t, qo, bo, d8, acc), codegen
+            f32 = ir.FloatType()
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(2)]
+
+            def block(wp, ptrs):
+                qp, bp, dp = ptrs
+                d8b = builder.load(dp)
+                sumi, summ = block_sums_k45(v, wp, qp, bp, sig.args[2].dtype, lanes)
+                for acc, d, isum in ((accs[0], builder.fmul(d8b, v.f16(wp, 0)), sumi),
+                                     (accs[1], builder.fmul(builder.fneg(d8b), v.f16(wp, 2)), summ)):
+                    builder.store(builder.fadd(builder.load(acc), builder.fmul(d, builder.sitofp(isum, f32))), acc)
+            block_loop(context, builder, sig, args, ts, [(2, 5, QK_K), (3, 5, 8), (4, 5, 1)], block)
+            return builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        if (c_matrix(w, qs, bs32, d8) and bs32.dtype == types.int32 and d8.dtype == types.float32
+                and w.dtype == types.uint8):
+            return types.float32(w, r, qs, bs32, d8, t), codegen
     return dot
 
 
@@ -125,21 +134,19 @@ def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`)
     ahead = rows_ahead(w)
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
-        acc = np.empty(2, np.float32)
         c = take_next(counter)
         while c * chunk < n_rows:
             for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
                 prefetch_row(w, r, ahead)
-                out[0, r] = row(w, r, xq, d8, bs32, 0, acc)  # noqa: F821 (bound by specialise)
+                out[0, r] = row(w, r, xq, bs32, d8, 0)  # noqa: F821 (bound by specialise)
             c = take_next(counter)
 
 
 def _matmul(out, xq, d8, bs32, w):  # template (make_kernels binds `row`); out f32[n_tok, n_rows], xq i8[n_tok, n], d8 f32[n_tok, n//256], bs32 i32[n_tok, n//32], w u8[n_rows, row_bytes]
     # per token the same float32 operations as matvec: bit-identical results
     for r in prange(w.shape[0]):
-        acc = np.empty(2, np.float32)
         for t in range(out.shape[0]):
-            out[t, r] = row(w, r, xq, d8, bs32, t, acc)  # noqa: F821 (bound by specialise)
+            out[t, r] = row(w, r, xq, bs32, d8, t)  # noqa: F821 (bound by specialise)
 
 
 def make_kernels(five):
@@ -148,14 +155,7 @@ def make_kernels(five):
     `five` and the block size are closure constants, compiled in."""
     ts = 176 if five else 144
     qo = 48 if five else 16  # offset of qs in the block
-    dot = block_dot_k45(five)
-
-    @njit(inline="always")
-    def row(w, r, xq, d8, bs32, t, acc):  # token t of xq dotted with row r; acc: f32[2] scratch
-        acc[:] = 0
-        for b in range(d8.shape[1]):
-            dot(w, r, b * ts, xq, bs32, t, b * QK_K, b * 8, d8[t, b], acc)
-        return acc[0] + acc[1]
+    row = row_dot_k45(five)
 
     tag = "q5_k" if five else "q4_k"
     matvec, matmul = (specialise(f, f"{f.__name__[1:]}_{tag}", row=row) for f in (_matvec, _matmul))
@@ -181,10 +181,10 @@ def make_kernels(five):
                         out[r, b * QK_K + 32 * j + l] = dl * np.float32(q) - ml
 
     @njit(inline="always")
-    def expert_row(w, r, act, t, acc):
-        return row(w, r, act[0], act[1], act[2], t, acc)
+    def expert_row(w, r, act, t, scratch):
+        return row(w, r, act[0], act[2], act[1], t)
 
-    experts = make_matvec_experts(expert_row, 2, f"matvec_experts_{tag}")
+    experts = make_matvec_experts(expert_row, 0, f"matvec_experts_{tag}")
     return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}",
                                                        GGMLQuantizationType.Q5_K if five else GGMLQuantizationType.Q4_K)
 

@@ -13,7 +13,7 @@ from localmoe.quant import quant_type
 from localmoe.quant.common import c_matrix, q8_k_activation, row_ptr
 from localmoe.quant.kquant import SIMD, SIMD_LEVELS, Vec
 from localmoe.quant.q3_k import lanes_q3_k
-from localmoe.quant.q4_k import block_dot_k45
+from localmoe.quant.q4_k import block_sums_k45, lanes_k45
 
 # the instruction sets this CPU can run: generic IR always, then what kquant picked and below it
 SIMDS = [None] + list(SIMD_LEVELS[:SIMD_LEVELS.index(SIMD) + 1] if SIMD else [])
@@ -54,13 +54,23 @@ def q3_k_lanes_kernel(simd):
 
 
 def k45_kernel(five, simd):
-    dot = block_dot_k45(five, simd)
+    lanes = lanes_k45(five)
+
+    @intrinsic
+    def sums(typingctx, w, r, o, qs, t, qo, bs32, t2, bo, out, k, ko):  # out[k, ko:ko+2] <- (sumi, summ)
+        def codegen(context, builder, sig, args):
+            wp, qp, bp, op = (row_ptr(context, builder, sig, args, i) for i in (0, 3, 6, 9))
+            for i, isum in enumerate(block_sums_k45(Vec(builder, simd), wp, qp, bp, sig.args[3].dtype, lanes)):
+                builder.store(isum, builder.gep(op, [context.get_constant(types.intp, i)]))
+            return context.get_dummy_value()
+        if c_matrix(w, qs, bs32, out) and out.dtype == types.int32:
+            return types.void(w, r, o, qs, t, qo, bs32, t2, bo, out, k, ko), codegen
 
     @njit
-    def run(w, qs, bs32, out):  # out f32[n_w, n_x, 2]: each block's (sumi, -summ) as float32, d8 = 1
+    def run(w, qs, bs32, out):  # out i32[n_w * n_x, 2]: each block's (sumi, summ)
         for r in range(w.shape[0]):
             for t in range(qs.shape[0]):
-                dot(w, r, 0, qs, bs32, t, 0, 0, np.float32(1.0), out[r, t])
+                sums(w, r, 0, qs, t, 0, bs32, t, 0, out, r * qs.shape[0] + t, 0)
     return run
 
 
@@ -81,10 +91,9 @@ def test_q3_k_lanes(simd, q8_dtype):
 @pytest.mark.parametrize("simd", SIMDS, ids=str)
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
 def test_k45_block_sums(simd, qtype):
-    """sum of scale * q * x8 and of min * 32-sum over a block, with d = dmin = d8 = 1 (float32 of exact integers)."""
+    """The exact int32 sums of scale * q * x8 and of min * 32-sum over a block."""
     five = qtype == T.Q5_K
     w = blocks(176 if five else 144, 40, seed=3)
-    w[:, 0:2], w[:, 2:4] = ONE_F16, ONE_F16
     qs = q8(12, seed=4)
     sc, mn = GQ4_K.get_scale_min(w[:, 4:16].copy())
     nib = w[:, -128:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
@@ -95,12 +104,11 @@ def test_k45_block_sums(simd, qtype):
     sumi = iw @ qs.T.astype(np.int64)
     s32 = qs.astype(np.int64).reshape(len(qs), 8, 32).sum(axis=2)
     summ = mn.astype(np.int64) @ s32.T
-    got = np.zeros((len(w), len(qs), 2), np.float32)
+    got = np.zeros((len(w) * len(qs), 2), np.int32)
     k45_kernel(five, simd)(w, qs, s32.astype(np.int32), got)
-    np.testing.assert_array_equal(got[..., 0], sumi.astype(np.float32),
-                                  err_msg=f"{qtype.name} sum of scale * q * x8, simd={simd} (exact)")
-    np.testing.assert_array_equal(got[..., 1], -summ.astype(np.float32),
-                                  err_msg=f"{qtype.name} sum of min * 32-sum, simd={simd} (exact)")
+    got = got.reshape(len(w), len(qs), 2)
+    np.testing.assert_array_equal(got[..., 0], sumi, err_msg=f"{qtype.name} sum of scale * q * x8, simd={simd} (exact)")
+    np.testing.assert_array_equal(got[..., 1], summ, err_msg=f"{qtype.name} sum of min * 32-sum, simd={simd} (exact)")
 
 
 @pytest.mark.reference
