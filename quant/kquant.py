@@ -142,9 +142,11 @@ class Vec:
 
     def shl16(self, x, s):
         """Bytes x shifted left by s within 16-bit lanes: bit k of a byte lands at bit k + s of it or
-        of the next byte up (what shr16 by up to s takes back, byte by byte)."""
+        of the next byte up (what shr16 by up to s takes back, byte by byte). s: one amount, or one per
+        32-byte chunk as in shr16."""
         w = self.b.bitcast(x, vec(I16, x.type.count // 2))
-        return self.b.bitcast(self.b.shl(w, self.const(w, s)), x.type)
+        amounts = [a for a in s for _ in range(16)] if isinstance(s, (list, tuple)) else s
+        return self.b.bitcast(self.b.shl(w, self.const(w, amounts)), x.type)
 
     def opaque(self, x):
         """x through an empty inline asm on AVX-512 (else x itself): LLVM cannot see into the result, so

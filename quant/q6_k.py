@@ -5,16 +5,19 @@ Block (210 bytes): ql[128] low nibbles, qh[64] high 2-bit pairs, scales i8[16]
 Element 128h + 32k + l (l < 32): low nibble k // 2 of ql[64h + 32(k % 2) + l],
 high bits 2k of qh[32h + l].
 
-matvec fuses decode and dot (kquant.block_dot); matmul decodes each row once
+matvec fuses decode and dot (sums_q6_k, pair products); matmul decodes each row once
 to int16 and dots it with every token.
 """
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
-from .kquant import (I16, ROW_CHUNK, KQuant, block_decode, block_dot, decode_scratch, f16_at, fuse_matvec, group_scales,
-                     make_matvec_experts, q8_k16, task_rows, ws_dot)
+from .kquant import (I16, I32, ROW_CHUNK, SIMD, KQuant, Vec, block_decode, block_loop, c_matrix, decode_scratch, f16_at,
+                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, splat, task_rows, vec, ws_dot)
 
 TYPE_SIZE = 210
 
@@ -35,8 +38,59 @@ def weights_q6_k(v, wp):
     return chunks
 
 
-dot_q6_k_q8_k = block_dot(weights_q6_k)
 decode_q6_k = block_decode(weights_q6_k)
+
+
+def sums_q6_k(v, wp, qp, bp, q8_dtype):
+    """Exact int32 sum of scale * (q - 32) * x8 over the block at wp, for the Q8_K quants at qp and their
+    16-sums at bp: ggml's AVX2 pair products (Vec.maddubs/madd) on the unsigned q, v.width // 32 chunks
+    of 32 at a time, minus 32 * sum_g scale_g * bsum_g once per block."""
+    b, h = v.b, v.width // 32
+    sc16 = v.opaque(v.sext(v.load(wp, 192, 16), I16))
+    acc = splat(I32, 8 * h, 0)
+    for hh in range(2):
+        qh = v.rep(v.load(wp, 128 + 32 * hh, 32), h)
+        for k in range(0, 4, h):  # chunk c = 4 * hh + k: low nibble k // 2 of ql[64hh + 32(k % 2):], bits 2k of qh
+            ks = range(k, k + h)
+            ql = v.load(wp, 64 * hh + 32 * (k % 2), 32 * h)
+            if v.vbmi:  # the nibble and the two high bits (to bits 4-5), a vgf2p8affineqb each
+                lo = v.bit_select(ql, [[4 * (k // 2) + i for i in range(4)]])
+                hi = v.bit_select(qh, [[None] * 4 + [2 * j, 2 * j + 1] for j in ks for _ in range(4)])
+            else:
+                lo = v.mask(v.shr16(ql, [4 * (k // 2)] * h), 15)
+                hi = v.mask(v.shl16(qh, [4 - 2 * j for j in ks]) if k < 2 else v.shr16(qh, [2 * j - 4 for j in ks]), 48)
+            x = v.load_q8(qp, 32 * (4 * hh + k), 32 * h, q8_dtype)
+            sc = v.shuffle(sc16, sc16, [2 * (4 * hh + j) + i // 8 for j in ks for i in range(16)])
+            acc = b.add(acc, v.madd(v.maddubs(b.or_(lo, hi), x), sc))  # |pair sums| <= 2 * 63 * 127
+    bs = b.trunc(v.load(bp, 0, 16, I32), vec(I16, 16))  # |16-sums| <= 16 * 127 fit int16
+    corr = v.reduce_add(v.madd(sc16, bs))
+    return b.sub(v.reduce_add(acc), b.shl(corr, ir.Constant(I32, 5)))
+
+
+def row_dot_q6_k(simd=SIMD):
+    """Intrinsic dot(w, r, qs, bsums, d8, t) -> f32: row r of w dotted with token t of the Q8_K activation,
+    acc += (d8 * d) * isum per block (isum: sums_q6_k), the block loop emitted here (kquant.block_loop),
+    acc in a register. Unchecked indices."""
+    @intrinsic
+    def dot(typingctx, w, r, qs, bsums, d8, t):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder, simd)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
+
+            def block(wp, ptrs):
+                qp, bp, dp = ptrs
+                isum = sums_q6_k(v, wp, qp, bp, sig.args[2].dtype)
+                term = builder.fmul(builder.fmul(builder.load(dp), v.f16(wp, 208)), builder.sitofp(isum, ir.FloatType()))
+                builder.store(builder.fadd(builder.load(acc), term), acc)
+            block_loop(context, builder, sig, args, TYPE_SIZE, [(2, 5, QK_K), (3, 5, 16), (4, 5, 1)], block)
+            return builder.load(acc)
+        if (c_matrix(w, qs, bsums, d8) and bsums.dtype == types.int32 and d8.dtype == types.float32
+                and w.dtype == types.uint8):
+            return types.float32(w, r, qs, bsums, d8, t), codegen
+    return dot
+
+
+row_q6_k = row_dot_q6_k()
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -56,19 +110,8 @@ def dequantize_q6_k(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
 
 
 @njit(inline="always")
-def _row_q6_k(w, r, qs, d8, t):
-    """Row r of w dotted with token t of the Q8_K activation (qs, d8)."""
-    acc = np.float32(0)
-    for b in range(qs.shape[1] // QK_K):
-        o = b * TYPE_SIZE
-        isum = dot_q6_k_q8_k(w, r, o, qs, t, b * QK_K)
-        acc += (d8[t, b] * f16_at(w, r, o + 208)) * np.float32(isum)
-    return acc
-
-
-@njit(inline="always")
 def _expert_row_q6_k(w, r, act, t, scratch):
-    return _row_q6_k(w, r, act[0], act[1], t)
+    return row_q6_k(w, r, act[0], act[2], act[1], t)
 
 
 matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, 0, "matvec_experts_q6_k")
@@ -90,7 +133,7 @@ def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
             if n_tok == 1:  # matvec: fused, the weights never leave registers
                 for r in range(r0, r1):
                     prefetch_row(w, r, ahead)
-                    out[0, r] = _row_q6_k(w, r, qs, d8, 0)
+                    out[0, r] = row_q6_k(w, r, qs, bsums, d8, 0)
             else:  # decode the row chunk once, then dot it with every token (same float steps)
                 for r in range(r0, r1):
                     for b in range(nb):

@@ -14,6 +14,7 @@ from localmoe.quant.common import c_matrix, q8_k_activation, row_ptr
 from localmoe.quant.kquant import SIMD, SIMD_LEVELS, Vec
 from localmoe.quant.q3_k import lanes_q3_k
 from localmoe.quant.q4_k import block_sums_k45, lanes_k45
+from localmoe.quant.q6_k import sums_q6_k
 
 # the instruction sets this CPU can run: generic IR always, then what kquant picked and below it
 SIMDS = [None] + list(SIMD_LEVELS[:SIMD_LEVELS.index(SIMD) + 1] if SIMD else [])
@@ -109,6 +110,39 @@ def test_k45_block_sums(simd, qtype):
     got = got.reshape(len(w), len(qs), 2)
     np.testing.assert_array_equal(got[..., 0], sumi, err_msg=f"{qtype.name} sum of scale * q * x8, simd={simd} (exact)")
     np.testing.assert_array_equal(got[..., 1], summ, err_msg=f"{qtype.name} sum of min * 32-sum, simd={simd} (exact)")
+
+
+def q6_k_sums_kernel(simd):
+    @intrinsic
+    def isum(typingctx, w, r, o, qs, t, qo, bsums, t2, bo, out, k, ko):  # out[k, ko] <- the block's exact sum
+        def codegen(context, builder, sig, args):
+            wp, qp, bp, op = (row_ptr(context, builder, sig, args, i) for i in (0, 3, 6, 9))
+            builder.store(sums_q6_k(Vec(builder, simd), wp, qp, bp, sig.args[3].dtype), op)
+            return context.get_dummy_value()
+        if c_matrix(w, qs, bsums, out) and out.dtype == types.int32:
+            return types.void(w, r, o, qs, t, qo, bsums, t2, bo, out, k, ko), codegen
+
+    @njit
+    def run(w, qs, bsums, out):  # out i32[n_w, n_x]
+        for r in range(w.shape[0]):
+            for t in range(qs.shape[0]):
+                isum(w, r, 0, qs, t, 0, bsums, t, 0, out, r, t)
+    return run
+
+
+@pytest.mark.parametrize("simd", SIMDS, ids=str)
+@pytest.mark.parametrize("q8_dtype", [np.int8, np.int16], ids=["i8", "i16"])
+def test_q6_k_block_sums(simd, q8_dtype):
+    """sums_q6_k: the exact int32 sum of scale * (q - 32) * x8 over a block, every instruction set."""
+    w = blocks(210, 40, seed=8)
+    w[:, 208:210] = ONE_F16  # d = 1: gguf-py's dequantize gives the integer weights scale * (q - 32) exactly
+    qs = q8(12, seed=9)
+    iw = gguf_dequantize(w, T.Q6_K).reshape(-1, 256).astype(np.int64)
+    want = iw @ qs.T.astype(np.int64)
+    bsums = qs.astype(np.int32).reshape(len(qs), 16, 16).sum(axis=2, dtype=np.int32)
+    got = np.zeros((len(w), len(qs)), np.int32)
+    q6_k_sums_kernel(simd)(w, qs.astype(q8_dtype), bsums, got)
+    np.testing.assert_array_equal(got, want, err_msg=f"Q6_K block sums, simd={simd} (exact)")
 
 
 @pytest.mark.reference
