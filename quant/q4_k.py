@@ -57,6 +57,16 @@ def _scales(w, r, o):
 
 def scales_mins_k4(v, wp):
     """(scales, mins) of the block at wp, <8 x i8> each: 6-bit values packed in its bytes 4..15."""
+    if v.vbmi:  # two vpmultishiftqb: the fields of q = bytes 4..15 from its qwords q[0:8] and q[4:12]
+        i64, b = ir.IntType(64), v.b
+        a8, b8 = (b.bitcast(v.rep(v.load(wp, o, 1, i64), 2), vec(ir.IntType(8), 16)) for o in (4, 8))
+        # j < 4: scale j = q[j] & 63, min j = q[j + 4] & 63; j >= 4: the low 4 bits from q[j + 4] (scale:
+        # low nibble, min: high), the high 2 from bits 6-7 of q[j - 4] (scale) or q[j] (min)
+        hi = v.multishift([8 * j for j in range(4)] + [8 * (j - 4) + 2 for j in range(4, 8)]
+                          + [8 * (j + 4) for j in range(4)] + [8 * j + 2 for j in range(4, 8)], a8)
+        lo = v.multishift([0] * 4 + [8 * j for j in range(4, 8)] + [0] * 4 + [8 * j + 4 for j in range(4, 8)], b8)
+        both = b.or_(v.mask(hi, ([63] * 4 + [48] * 4) * 2), v.mask(lo, ([0] * 4 + [15] * 4) * 2))
+        return v.shuffle(both, both, list(range(8))), v.shuffle(both, both, list(range(8, 16)))
     b, p = v.b, v.load(wp, 4, 12)
     low6, top2 = [63] * 4 + [15] * 4, [0] * 4 + [48] * 4  # values 4..7 take 4 bits here, 2 from bits 6-7 of 0..3
     top = v.shl(v.shr(p, 6), 4)
@@ -80,7 +90,11 @@ def lanes_k45(five):
         acc = splat(I32, 8 * h, 0)
         for j in range(0, 8, h):
             js = range(j, j + h)  # sub-block j: nibble j % 2 of qs[32 * (j // 2):], bit j of qh
-            u = v.mask(v.shr16(v.rep(v.load(wp, qo + 32 * (j // 2), 32), h), [4 * (k % 2) for k in js]), 15)
+            q = v.rep(v.load(wp, qo + 32 * (j // 2), 32), h)
+            if v.vbmi:  # the nibble in one vgf2p8affineqb
+                u = v.bit_select(q, [[4 * (k % 2) + i for i in range(4)] for k in js for _ in range(4)])
+            else:
+                u = v.mask(v.shr16(q, [4 * (k % 2) for k in js]), 15)
             if five:
                 u = b.or_(u, v.shl(v.mask(v.shr16(qh, list(js)), 1), 4))
             x = v.load_q8(qp, 32 * j, 32 * h, q8_dtype)
