@@ -285,48 +285,58 @@ def _decoded(v, wp):
 ws_dot = block_dot(_decoded, w_dtype=types.int16)
 
 
-def block_loop(context, builder, sig, args, type_size, arrays, block):
-    """Emit `for b in range(n_blocks): block(wp, ptrs)` over the blocks of row args[1] of the weights
-    args[0] (type_size bytes each; n_blocks = the second dim of args[arrays[-1][0]]): wp points at block b,
-    ptrs[i] at element [args[row], step * b] of args[a] for (a, row, step) = arrays[i]."""
+def block_loop(context, builder, sig, args, type_size, arrays, block, n_w=1):
+    """Emit `for b in range(n_blocks): block(wps, ptrs)` over the blocks of rows args[1] .. args[1] + n_w - 1
+    of the weights args[0] (type_size bytes each; n_blocks = the second dim of args[arrays[-1][0]]): wps[i]
+    points at block b of row args[1] + i, ptrs[i] at element [args[row], step * b] of args[a] for
+    (a, row, step) = arrays[i]."""
     i64 = ir.IntType(64)
     zero = context.get_constant(types.intp, 0)
 
     def start(a, row):  # pointer to element [row, 0] of args[a]
-        return row_ptr(context, builder, types.void(sig.args[a], sig.args[row], types.intp), [args[a], args[row], zero], 0)
-    w0, starts = start(0, 1), [start(a, row) for a, row, _ in arrays]
+        return row_ptr(context, builder, types.void(sig.args[a], types.intp, types.intp), [args[a], row, zero], 0)
+    r = context.cast(builder, args[1], sig.args[1], types.intp)
+    w0s = [start(0, builder.add(r, context.get_constant(types.intp, i))) for i in range(n_w)]
+    starts = [start(a, context.cast(builder, args[row], sig.args[row], types.intp)) for a, row, _ in arrays]
     last = arrays[-1][0]
     nb = cgutils.unpack_tuple(builder, context.make_array(sig.args[last])(context, builder, args[last]).shape)[1]
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        wp = builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))])
-        block(wp, [builder.gep(p, [builder.mul(b, ir.Constant(i64, step))]) for p, (_, _, step) in zip(starts, arrays)])
+        block([builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))]) for w0 in w0s],
+              [builder.gep(p, [builder.mul(b, ir.Constant(i64, step))]) for p, (_, _, step) in zip(starts, arrays)])
 
 
-def row_dot_lanes(lanes, type_size, d_off, simd=SIMD):
-    """Intrinsic dot(w, r, qs, d8, t) -> f32: row r of w (blocks of type_size bytes, fp16 d at byte d_off)
-    dotted with token t of the Q8_K activation (qs i8|i16, d8), in ggml's AVX2 float steps: per block
-    acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's hsum_float_8. `lanes(v, wp, qp, q8_dtype)`
-    emits a block's <8 x i32> exact integer lanes. The block loop is emitted here, acc in registers:
-    accumulated in a scratch array by a numba loop instead, the same block code ran 20-25% slower in
-    some loop nests (Q3_K at 1 thread). Unchecked indices."""
+def row_dot_lanes(lanes, type_size, d_off, n_w=1, simd=SIMD):
+    """Intrinsic dot(w, r, qs, d8, t) -> f32 (n_w = 1) or a tuple of n_w f32 for rows r .. r + n_w - 1 of w
+    (blocks of type_size bytes, fp16 d at byte d_off) dotted with token t of the Q8_K activation (qs i8|i16,
+    d8), in ggml's AVX2 float steps: per block acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's
+    hsum_float_8. `lanes(v, wps, qp, q8_dtype)` emits the <8 x i32> exact integer lanes of the block at
+    each of wps (n_w rows share x and what depends on x alone). The block loop is emitted here, acc in
+    registers: accumulated in a scratch array by a numba loop instead, the same block code ran 20-25%
+    slower in some loop nests (Q3_K at 1 thread). Unchecked indices."""
     @intrinsic
     def dot(typingctx, w, r, qs, d8, t):
         def codegen(context, builder, sig, args):
             v = Vec(builder, simd)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(vec(ir.FloatType(), 8), [0.0] * 8))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vec(ir.FloatType(), 8), [0.0] * 8))
+                    for _ in range(n_w)]
 
-            def block(wp, ptrs):
+            def block(wps, ptrs):
                 qp, dp = ptrs
-                d = builder.fmul(builder.load(dp), v.f16(wp, d_off))
-                builder.store(fma_lanes(builder, d, lanes(v, wp, qp, sig.args[2].dtype), builder.load(acc)), acc)
-            block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block)
-            a = builder.load(acc)
-            e = [builder.extract_element(a, ir.Constant(I32, k)) for k in range(8)]
-            r0, r1, r2, r3 = (builder.fadd(e[k + 4], e[k]) for k in range(4))  # ggml's hsum_float_8 order
-            return builder.fadd(builder.fadd(r0, r2), builder.fadd(r1, r3))
+                d8b = builder.load(dp)
+                for acc, wp, ints in zip(accs, wps, lanes(v, wps, qp, sig.args[2].dtype)):
+                    builder.store(fma_lanes(builder, builder.fmul(d8b, v.f16(wp, d_off)), ints, builder.load(acc)), acc)
+            block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block, n_w)
+            sums = []
+            for acc in accs:
+                a = builder.load(acc)
+                e = [builder.extract_element(a, ir.Constant(I32, k)) for k in range(8)]
+                r0, r1, r2, r3 = (builder.fadd(e[k + 4], e[k]) for k in range(4))  # ggml's hsum_float_8 order
+                sums.append(builder.fadd(builder.fadd(r0, r2), builder.fadd(r1, r3)))
+            return sums[0] if n_w == 1 else context.make_tuple(builder, sig.return_type, sums)
         if c_matrix(w, qs, d8) and w.dtype == types.uint8 and d8.dtype == types.float32:
-            return types.float32(w, r, qs, d8, t), codegen
+            ret = types.float32 if n_w == 1 else types.UniTuple(types.float32, n_w)
+            return ret(w, r, qs, d8, t), codegen
     return dot
 
 

@@ -89,37 +89,41 @@ def weights_q3_k(v, wp):
     return chunks
 
 
-def lanes_q3_k(v, wp, qp, q8_dtype):
-    """<8 x i32>, lane k the exact sum of weight * q8 over the block's elements e with e % 32 in
-    4k..4k+3: the lanes of ggml's AVX2 vec_dot_q3_K_q8_K, by Vec.maddubs/madd on v.width // 32
-    chunks of 32 elements at a time. u = low2 + 4 * hbit is unsigned, q = u - 4: q . x = u . x - 4 . x
-    (measured 10% faster than ggml's low2 . x - (4 where the bit is clear) . x)."""
+def lanes_q3_k(v, wps, qp, q8_dtype):
+    """For each block pointer in wps, <8 x i32>, lane k the exact sum of weight * q8 over the block's elements
+    e with e % 32 in 4k..4k+3: the lanes of ggml's AVX2 vec_dot_q3_K_q8_K, by Vec.maddubs/madd on
+    v.width // 32 chunks of 32 elements at a time. u = low2 + 4 * hbit is unsigned, q = u - 4:
+    q . x = u . x - 4 . x (measured 10% faster than ggml's low2 . x - (4 where the bit is clear) . x);
+    the blocks share x and 4 . x."""
     b, h = v.b, v.width // 32
-    sc16 = v.opaque(scales_q3_k(v, wp))
-    hm = v.rep(v.load(wp, 0, 32), h)
-    hm4 = None if v.vbmi else v.shl16(hm, 2)  # bits 0, 1 of hm at bits 2, 3 (bits 6, 7 of odd bytes are lost: not used)
+    sc16 = [v.opaque(scales_q3_k(v, wp)) for wp in wps]
+    hm = [v.rep(v.load(wp, 0, 32), h) for wp in wps]
+    hm4 = [None if v.vbmi else v.shl16(m, 2) for m in hm]  # bits 0, 1 at bits 2, 3 (bits 6, 7 of odd bytes: lost, unused)
     four = splat(I8, 32 * h, 4)
-    acc = splat(I32, 8 * h, 0)
+    acc = [splat(I32, 8 * h, 0) for _ in wps]
     for n in range(2):
-        q2 = v.rep(v.load(wp, 32 + 32 * n, 32), h)
+        q2 = [v.rep(v.load(wp, 32 + 32 * n, 32), h) for wp in wps]
         for j in range(0, 4, h):
             cs = range(4 * n + j, 4 * n + j + h)  # chunk c: elements 32c..32c+31, hmask bit c
-            if v.vbmi:  # u's bits 0-1 from bits 2c % 8 of q2, bit 2 from bit c of hm: a vgf2p8affineqb each
-                lo = v.bit_select(q2, [[2 * (c % 4), 2 * (c % 4) + 1] for c in cs for _ in range(4)])
-                u = b.or_(lo, v.bit_select(hm, [[None, None, c] for c in cs for _ in range(4)]))
-            else:  # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
-                hb = v.shr16(hm4, list(cs)) if cs[0] < 2 else v.shr16(hm, [c - 2 for c in cs])
-                u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
             x = v.load_q8(qp, 32 * cs[0], 32 * h, q8_dtype)
-            p16 = b.sub(v.maddubs(u, x), v.maddubs(four, x))  # |pair sums| <= 2 * 7 * 127: no saturation
-            sc = v.shuffle(sc16, sc16, [2 * c + i // 8 for c in cs for i in range(16)])
-            acc = b.add(acc, v.madd(p16, sc))
-    return v.fold8(acc)
+            x4 = v.maddubs(four, x)
+            for i in range(len(wps)):
+                if v.vbmi:  # u's bits 0-1 from bits 2c % 8 of q2, bit 2 from bit c of hm: a vgf2p8affineqb each
+                    lo = v.bit_select(q2[i], [[2 * (c % 4), 2 * (c % 4) + 1] for c in cs for _ in range(4)])
+                    u = b.or_(lo, v.bit_select(hm[i], [[None, None, c] for c in cs for _ in range(4)]))
+                else:  # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
+                    hb = v.shr16(hm4[i], list(cs)) if cs[0] < 2 else v.shr16(hm[i], [c - 2 for c in cs])
+                    u = b.or_(v.mask(v.shr16(q2[i], [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
+                p16 = b.sub(v.maddubs(u, x), x4)  # |pair sums| <= 2 * 7 * 127: no saturation
+                sc = v.shuffle(sc16[i], sc16[i], [2 * c + k // 8 for c in cs for k in range(16)])
+                acc[i] = b.add(acc[i], v.madd(p16, sc))
+    return [v.fold8(a) for a in acc]
 
 
 decode_q3_k = block_decode(weights_q3_k)
-# vec_dot_q3_K_q8_K of row r and token t, fused: the weights never leave registers
+# vec_dot_q3_K_q8_K of row r (row2: rows r, r + 1) and token t, fused: the weights never leave registers
 row_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108)
+row2_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108, n_w=2)
 
 
 @njit(inline="always")
@@ -144,11 +148,14 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
         c = take_next(counter)
         while c < n_chunks:
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
-            if not tiled:  # vec_dot_q3_K_q8_K per token
+            if not tiled:  # vec_dot_q3_K_q8_K per token, two rows at a time
                 for t in range(n_tok):
-                    for r in range(r0, r1):
+                    for r in range(r0, r1 - 1, 2):
                         prefetch_row(w, r, ahead)
-                        out[t, r] = row_q3_k(w, r, qs, d8, t)
+                        prefetch_row(w, r + 1, ahead)
+                        out[t, r], out[t, r + 1] = row2_q3_k(w, r, qs, d8, t)
+                    if (r1 - r0) % 2:
+                        out[t, r1 - 1] = row_q3_k(w, r1 - 1, qs, d8, t)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
                     for b in range(nb):

@@ -127,7 +127,8 @@ def row_dot_k45(five, simd=SIMD):
             f32 = ir.FloatType()
             accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(2)]
 
-            def block(wp, ptrs):
+            def block(wps, ptrs):
+                wp = wps[0]
                 qp, bp, dp = ptrs
                 d8b = builder.load(dp)
                 sumi, summ = block_sums_k45(v, wp, qp, bp, sig.args[2].dtype, lanes)

@@ -77,7 +77,8 @@ def row_dot_q6_k(simd=SIMD):
             v = Vec(builder, simd)
             acc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
 
-            def block(wp, ptrs):
+            def block(wps, ptrs):
+                wp = wps[0]
                 qp, bp, dp = ptrs
                 isum = sums_q6_k(v, wp, qp, bp, sig.args[2].dtype)
                 term = builder.fmul(builder.fmul(builder.load(dp), v.f16(wp, 208)), builder.sitofp(isum, ir.FloatType()))
