@@ -148,14 +148,19 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
         c = take_next(counter)
         while c < n_chunks:
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
-            if not tiled:  # vec_dot_q3_K_q8_K per token, two rows at a time
+            if not tiled:  # vec_dot_q3_K_q8_K per token
                 for t in range(n_tok):
-                    for r in range(r0, r1 - 1, 2):
+                    # two rows at a time where software prefetch runs ahead: without it, reading two rows
+                    # at once defeated the hardware prefetchers (4096x14336: 8 instead of 24 GB/s, 1 thread)
+                    r = r0
+                    while ahead and r + 1 < r1:
                         prefetch_row(w, r, ahead)
                         prefetch_row(w, r + 1, ahead)
                         out[t, r], out[t, r + 1] = row2_q3_k(w, r, qs, d8, t)
-                    if (r1 - r0) % 2:
-                        out[t, r1 - 1] = row_q3_k(w, r1 - 1, qs, d8, t)
+                        r += 2
+                    for r in range(r, r1):
+                        prefetch_row(w, r, ahead)
+                        out[t, r] = row_q3_k(w, r, qs, d8, t)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
                     for b in range(nb):
