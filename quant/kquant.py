@@ -12,7 +12,10 @@ Two styles of block kernel:
   Q8_K bytes summed in pairs to int16 (vpmaddubsw), then times the scales in
   pairs to int32 (vpmaddwd): half the instructions per weight. They use x86
   intrinsics where the CPU numba compiles for has them (`SIMD`), on 64-byte
-  vectors with AVX-512BW, else the same arithmetic in generic IR.
+  vectors with AVX-512BW, else the same arithmetic in generic IR. With VBMI and
+  GFNI too, bit fields are cut out by vpmultishiftqb / vgf2p8affineqb.
+A matvec's row is one intrinsic call (`row_dot_lanes`, `block_loop`) that loops
+over the blocks with its accumulators in registers.
 """
 import numba
 import numpy as np
