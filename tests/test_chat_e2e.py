@@ -77,7 +77,9 @@ def test_two_turns_commands_save_load_and_bye(model_path, tmp_path):
 
 
 def test_ctrl_c_stops_a_reply_overlong_is_refused_ctrl_d_exits(model_path, tmp_path):
-    child = spawn(model_path, tmp_path, "-n", "400")
+    # room for a reply of seconds: with 256 tokens of context the tiny model's whole reply could end
+    # before the Ctrl-C reached it (seen in CI after the kernels got faster)
+    child = spawn(model_path, tmp_path, "--ctx", "4096", "-n", "4000")
     child.sendline("Tell me a long story")
     child.expect_exact("Tell me a long story")
     child.expect(r"\S")  # the first streamed text
@@ -88,7 +90,7 @@ def test_ctrl_c_stops_a_reply_overlong_is_refused_ctrl_d_exits(model_path, tmp_p
     child.expect_exact("Use Ctrl + d or /bye to exit.")
     child.expect_exact(PROMPT)
     turn(child, "/set max_tokens 2")
-    assert "context holds 256 tokens" in turn(child, "word " * 400)  # refused, the chat goes on
+    assert "context holds 4096 tokens" in turn(child, "word " * 5000)  # refused, the chat goes on
     assert turn(child, "Hi").split("Hi", 1)[1].strip(), "the session goes on"
     child.sendeof()
     child.expect(pexpect.EOF)
