@@ -364,7 +364,6 @@ def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matve
     n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
     counter = np.zeros(1, np.int64)
     for _ in prange(n_par):
-        scratch = np.empty(N_SCRATCH, np.float32)  # noqa: F821 (bound by specialise)
         i = take_next(counter)
         while i < n_mat * n_sel * n_chunks:
             ms, c = i // n_chunks, i % n_chunks
@@ -373,16 +372,16 @@ def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matve
             ahead = rows_ahead(w)
             for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
                 prefetch_row(w, r, ahead)
-                out[m, s, r] = row(w, r, act, xrow[s], scratch)  # noqa: F821 (bound by specialise)
+                out[m, s, r] = row(w, r, act, xrow[s])  # noqa: F821 (bound by specialise)
             i = take_next(counter)
 
 
-def make_matvec_experts(row, n_scratch: int, name: str):
+def make_matvec_experts(row, name: str):
     """Kernel `name`(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
     for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
-    MATVEC_CHUNK at a time from a shared counter. `row(w, r, act, t, scratch)` is one row's dot with
-    token t of the prepared activation tuple `act`; scratch: f32[n_scratch] per thread."""
-    return specialise(_matvec_experts, name, row=row, N_SCRATCH=n_scratch)
+    MATVEC_CHUNK at a time from a shared counter. `row(w, r, act, t)` is one row's dot with token t of
+    the prepared activation tuple `act`."""
+    return specialise(_matvec_experts, name, row=row)
 
 
 def check_expert_stacks(qt, out, act, stacks, sel, xrow):

@@ -127,11 +127,11 @@ row2_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108, n_w=2)
 
 
 @njit(inline="always")
-def _expert_row_q3_k(w, r, act, t, scratch):
+def _expert_row_q3_k(w, r, act, t):
     return row_q3_k(w, r, act[0], act[1], t)
 
 
-matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, 0, "matvec_experts_q3_k")
+matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, "matvec_experts_q3_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -143,7 +143,7 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
     tiled = n_tok >= TILED_MIN_BATCH
     ahead = rows_ahead(w)
     counter = np.zeros(1, np.int64)
-    for _ in prange(n_par):  # one task per thread: the scratch is allocated once per thread
+    for _ in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
         buf = decode_scratch(n_tok if tiled else 1, nb)
         c = take_next(counter)
         while c < n_chunks:

@@ -196,10 +196,10 @@ def make_kernels(five):
                         out[r, b * QK_K + 32 * j + l] = dl * np.float32(q) - ml
 
     @njit(inline="always")
-    def expert_row(w, r, act, t, scratch):
+    def expert_row(w, r, act, t):
         return row(w, r, act[0], act[2], act[1], t)
 
-    experts = make_matvec_experts(expert_row, 0, f"matvec_experts_{tag}")
+    experts = make_matvec_experts(expert_row, f"matvec_experts_{tag}")
     return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}",
                                                        GGMLQuantizationType.Q5_K if five else GGMLQuantizationType.Q4_K)
 

@@ -111,11 +111,11 @@ def dequantize_q6_k(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
 
 
 @njit(inline="always")
-def _expert_row_q6_k(w, r, act, t, scratch):
+def _expert_row_q6_k(w, r, act, t):
     return row_q6_k(w, r, act[0], act[2], act[1], t)
 
 
-matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, 0, "matvec_experts_q6_k")
+matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, "matvec_experts_q6_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
