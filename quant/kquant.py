@@ -14,8 +14,9 @@ Two styles of block kernel:
   intrinsics where the CPU numba compiles for has them (`SIMD`), on 64-byte
   vectors with AVX-512BW, else the same arithmetic in generic IR. With VBMI and
   GFNI too, bit fields are cut out by vpmultishiftqb / vgf2p8affineqb.
-A matvec's row is one intrinsic call (`row_dot_lanes`, `block_loop`) that loops
-over the blocks with its accumulators in registers.
+A matvec's row is one intrinsic call (`row_dot_lanes`, `row_dot_scaled`, over
+`block_loop`) that loops over the blocks with its accumulators in registers and
+prefetches BLOCK_PF_BYTES ahead.
 """
 import numba
 import numpy as np
@@ -26,22 +27,18 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import (QK_K, FusedMatvec, c_matrix, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, row_ptr,
-                     rows_ahead, specialise, take_next)
+from .common import (QK_K, FusedMatvec, c_matrix, fuse_matvec, prefetch_ptr, q8_k_activation, q8_k_serial, row_ptr,
+                     specialise, take_item, work_counters)
 
 ROW_CHUNK = 16  # rows per parallel task; decoded for prefill, 16 rows of int16 stay in L2
-# rows per task of a matvec: long runs of each thread's rows keep the hardware prefetchers
-# streaming (Q6_K 151936x2048 at 2 threads: 13 ms with 16-row tasks, 5.7 ms with 256)
-MATVEC_CHUNK = 256
-
-
-@njit(inline="always")
-def task_rows(n_rows, n_par):
-    """Rows per matvec task: MATVEC_CHUNK, or fewer so that the tasks split evenly over the threads
-    (768 rows in 3 tasks of 256 left one of 2 threads with twice the other's work)."""
-    n_tasks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
-    n_tasks = (n_tasks + n_par - 1) // n_par * n_par
-    return ((n_rows + n_tasks - 1) // n_tasks + 15) // 16 * 16
+# rows per work item of a matvec (common.take_item: each thread runs through contiguous items)
+MATVEC_CHUNK = 128
+# How far ahead the matvec rows prefetch, each block the lines this many bytes past it (block_loop's pf). From
+# DRAM at 2 threads it beat one burst of the row 4 KiB ahead (common.prefetch_row, as the legacy types do) at
+# every shape tried (Q4_K/Q6_K/Q3_K 14336x4096: 43/41/44 -> 48/51/45 GB/s; Q4_K 2048x768 40.7 -> 42.6) and no
+# prefetch on rows over 4 KiB (4096x14336: 40/41/44 -> 48/48/50); 8 KiB beat 4 KiB at 1 thread (Q6_K
+# 4096x14336: 35 -> 39 GB/s) and matched it at 2.
+BLOCK_PF_BYTES = 8192
 
 
 def _target_features():
@@ -288,58 +285,120 @@ def _decoded(v, wp):
 ws_dot = block_dot(_decoded, w_dtype=types.int16)
 
 
-def block_loop(context, builder, sig, args, type_size, arrays, block, n_w=1):
-    """Emit `for b in range(n_blocks): block(wps, ptrs)` over the blocks of rows args[1] .. args[1] + n_w - 1
-    of the weights args[0] (type_size bytes each; n_blocks = the second dim of args[arrays[-1][0]]): wps[i]
-    points at block b of row args[1] + i, ptrs[i] at element [args[row], step * b] of args[a] for
-    (a, row, step) = arrays[i]."""
+def block_loop(context, builder, sig, args, type_size, arrays, block, pf=0):
+    """Emit `for b in range(n_blocks): block(wp, ptrs)` over the blocks of row args[1] of the weights args[0]
+    (type_size bytes each; n_blocks = the second dim of args[arrays[-1][0]]): wp points at block b, ptrs[i]
+    at element [args[row], step * b] of args[a] for (a, row, step) = arrays[i]. pf > 0: each block also
+    prefetches the lines pf bytes past its own."""
     i64 = ir.IntType(64)
     zero = context.get_constant(types.intp, 0)
 
     def start(a, row):  # pointer to element [row, 0] of args[a]
         return row_ptr(context, builder, types.void(sig.args[a], types.intp, types.intp), [args[a], row, zero], 0)
-    r = context.cast(builder, args[1], sig.args[1], types.intp)
-    w0s = [start(0, builder.add(r, context.get_constant(types.intp, i))) for i in range(n_w)]
+    w0 = start(0, context.cast(builder, args[1], sig.args[1], types.intp))
     starts = [start(a, context.cast(builder, args[row], sig.args[row], types.intp)) for a, row, _ in arrays]
     last = arrays[-1][0]
     nb = cgutils.unpack_tuple(builder, context.make_array(sig.args[last])(context, builder, args[last]).shape)[1]
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        block([builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))]) for w0 in w0s],
-              [builder.gep(p, [builder.mul(b, ir.Constant(i64, step))]) for p, (_, _, step) in zip(starts, arrays)])
+        wp = builder.gep(w0, [builder.mul(b, ir.Constant(i64, type_size))])
+        for k in range(0, type_size, 64) if pf else ():
+            prefetch_ptr(builder, builder.gep(wp, [ir.Constant(i64, pf + k)]))
+        block(wp, [builder.gep(p, [builder.mul(b, ir.Constant(i64, step))]) for p, (_, _, step) in zip(starts, arrays)])
 
 
-def row_dot_lanes(lanes, type_size, d_off, n_w=1, simd=SIMD):
-    """Intrinsic dot(w, r, qs, d8, t) -> f32 (n_w = 1) or a tuple of n_w f32 for rows r .. r + n_w - 1 of w
-    (blocks of type_size bytes, fp16 d at byte d_off) dotted with token t of the Q8_K activation (qs i8|i16,
-    d8), in ggml's AVX2 float steps: per block acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's
-    hsum_float_8. `lanes(v, wps, qp, q8_dtype)` emits the <8 x i32> exact integer lanes of the block at
-    each of wps (n_w rows share x and what depends on x alone). The block loop is emitted here, acc in
+def row_dot_lanes(lanes, type_size, d_off, simd=SIMD, pf=0):
+    """Intrinsic dot(w, r, qs, d8, t) -> f32: row r of w (blocks of type_size bytes, fp16 d at byte d_off)
+    dotted with token t of the Q8_K activation (qs i8|i16, d8), in ggml's AVX2 float steps: per block
+    acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's hsum_float_8. `lanes(v, [wp], qp, q8_dtype)`
+    emits the <8 x i32> exact integer lanes of the block at wp. The block loop is emitted here, acc in
     registers: accumulated in a scratch array by a numba loop instead, the same block code ran 20-25%
-    slower in some loop nests (Q3_K at 1 thread). Unchecked indices."""
+    slower in some loop nests (Q3_K at 1 thread). pf: see block_loop. Unchecked indices."""
     @intrinsic
     def dot(typingctx, w, r, qs, d8, t):
         def codegen(context, builder, sig, args):
             v = Vec(builder, simd)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(vec(ir.FloatType(), 8), [0.0] * 8))
-                    for _ in range(n_w)]
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vec(ir.FloatType(), 8), [0.0] * 8))
 
-            def block(wps, ptrs):
+            def block(wp, ptrs):
                 qp, dp = ptrs
-                d8b = builder.load(dp)
-                for acc, wp, ints in zip(accs, wps, lanes(v, wps, qp, sig.args[2].dtype)):
-                    builder.store(fma_lanes(builder, builder.fmul(d8b, v.f16(wp, d_off)), ints, builder.load(acc)), acc)
-            block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block, n_w)
-            sums = []
-            for acc in accs:
-                a = builder.load(acc)
-                e = [builder.extract_element(a, ir.Constant(I32, k)) for k in range(8)]
-                r0, r1, r2, r3 = (builder.fadd(e[k + 4], e[k]) for k in range(4))  # ggml's hsum_float_8 order
-                sums.append(builder.fadd(builder.fadd(r0, r2), builder.fadd(r1, r3)))
-            return sums[0] if n_w == 1 else context.make_tuple(builder, sig.return_type, sums)
+                ints, = lanes(v, [wp], qp, sig.args[2].dtype)
+                d = builder.fmul(builder.load(dp), v.f16(wp, d_off))
+                builder.store(fma_lanes(builder, d, ints, builder.load(acc)), acc)
+            block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block, pf)
+            a = builder.load(acc)
+            e = [builder.extract_element(a, ir.Constant(I32, k)) for k in range(8)]
+            r0, r1, r2, r3 = (builder.fadd(e[k + 4], e[k]) for k in range(4))  # ggml's hsum_float_8 order
+            return builder.fadd(builder.fadd(r0, r2), builder.fadd(r1, r3))
         if c_matrix(w, qs, d8) and w.dtype == types.uint8 and d8.dtype == types.float32:
-            ret = types.float32 if n_w == 1 else types.UniTuple(types.float32, n_w)
-            return ret(w, r, qs, d8, t), codegen
+            return types.float32(w, r, qs, d8, t), codegen
+    return dot
+
+
+def reduce_lanes(v, vecs):
+    """<m x i32>, lane i the sum of the lanes of vecs[i] (m = len(vecs) a power of 2; lane counts powers of 2):
+    one transposed reduction, each shuffle and add serving several vectors, instead of m horizontal sums."""
+    m = len(vecs)
+    n = max(m, min(x.type.count for x in vecs))
+
+    def fit(x):  # halves added down to n lanes, or zeros appended up to n
+        while x.type.count > n:
+            k = x.type.count // 2
+            x = v.b.add(v.shuffle(x, x, list(range(k))), v.shuffle(x, x, list(range(k, 2 * k))))
+        c = x.type.count
+        return x if c == n else v.shuffle(x, ir.Constant(x.type, None), list(range(c)) + [c] * (n - c))
+
+    vecs, s = [fit(x) for x in vecs], n  # s: lanes per group; group k of a vector: partial sums of one input
+    while len(vecs) > 1:  # pairs of vectors -> one with each group's halves added, a's groups then b's
+        lo = [k * s + j for k in range(n // s) for j in range(s // 2)]
+        hi = [i + s // 2 for i in lo]
+        vecs = [v.b.add(v.shuffle(a, b, lo + [n + i for i in lo]), v.shuffle(a, b, hi + [n + i for i in hi]))
+                for a, b in zip(vecs[::2], vecs[1::2])]
+        s //= 2
+    x = vecs[0]
+    while s > 1:
+        lo = [k * s + j for k in range(m) for j in range(s // 2)]
+        x = v.b.add(v.shuffle(x, x, lo), v.shuffle(x, x, [i + s // 2 for i in lo]))
+        s //= 2
+    return x
+
+
+def row_dot_scaled(sums, type_size, d_offs, signs, bs_step, simd=SIMD, pf=0):
+    """Intrinsic dot(w, r, qs, bsums, d8, t) -> f32: row r of w (blocks of type_size bytes) dotted with token t
+    of a Q8_K activation (qs i8|i16, bsums: bs_step sums per block, d8). Per block and term i (fp16 scale d_i
+    at byte d_offs[i], negated where signs[i] < 0): acc_i += (d8 * d_i) * float(isum_i)
+    in float32 without fma, all terms in one float vector; the result is acc_0 + acc_1 + ... `sums(v, wp, qp,
+    bp, q8_dtype)` emits one int32 lane vector per term, whose lanes sum exactly to isum_i; they are reduced
+    together (`reduce_lanes`). pf: see block_loop. Unchecked indices."""
+    m = len(d_offs)
+    fv = vec(ir.FloatType(), m)
+
+    @intrinsic
+    def dot(typingctx, w, r, qs, bsums, d8, t):
+        def codegen(context, builder, sig, args):
+            v = Vec(builder, simd)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(fv, [0.0] * m))
+
+            def block(wp, ptrs):
+                qp, bp, dp = ptrs
+                isums = builder.sitofp(reduce_lanes(v, sums(v, wp, qp, bp, sig.args[2].dtype)), fv)
+                ds = ir.Constant(fv, None)
+                for i, (o, sign) in enumerate(zip(d_offs, signs)):
+                    d = v.f16(wp, o)
+                    ds = builder.insert_element(ds, builder.fneg(d) if sign < 0 else d, ir.Constant(I32, i))
+                d8v = builder.insert_element(ir.Constant(fv, ir.Undefined), builder.load(dp), ir.Constant(I32, 0))
+                d8v = builder.shuffle_vector(d8v, d8v, ir.Constant(vec(I32, m), [0] * m))
+                term = builder.fmul(builder.fmul(d8v, ds), isums)  # d8 * -dmin == -d8 * dmin exactly
+                builder.store(builder.fadd(builder.load(acc), term), acc)
+            block_loop(context, builder, sig, args, type_size, [(2, 5, QK_K), (3, 5, bs_step), (4, 5, 1)], block, pf)
+            a = builder.load(acc)
+            y = builder.extract_element(a, ir.Constant(I32, 0))
+            for i in range(1, m):
+                y = builder.fadd(y, builder.extract_element(a, ir.Constant(I32, i)))
+            return y
+        if (c_matrix(w, qs, bsums, d8) and bsums.dtype == types.int32 and d8.dtype == types.float32
+                and w.dtype == types.uint8):
+            return types.float32(w, r, qs, bsums, d8, t), codegen
     return dot
 
 
@@ -362,25 +421,24 @@ def decode_scratch(n_tok, nb):
 def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matvec_experts; out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
     n_mat, n_sel, n_rows = out.shape
     n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
-    counter = np.zeros(1, np.int64)
-    for _ in prange(n_par):
-        i = take_next(counter)
-        while i < n_mat * n_sel * n_chunks:
+    n_items = n_mat * n_sel * n_chunks
+    counters = work_counters(n_par)
+    for t in prange(n_par):
+        i = take_item(counters, t, n_items, n_par)
+        while i >= 0:
             ms, c = i // n_chunks, i % n_chunks
             m, s = ms // n_sel, ms % n_sel
             w = ws[m][sel[s]]
-            ahead = rows_ahead(w)
             for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                prefetch_row(w, r, ahead)
                 out[m, s, r] = row(w, r, act, xrow[s])  # noqa: F821 (bound by specialise)
-            i = take_next(counter)
+            i = take_item(counters, t, n_items, n_par)
 
 
 def make_matvec_experts(row, name: str):
     """Kernel `name`(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
     for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
-    MATVEC_CHUNK at a time from a shared counter. `row(w, r, act, t)` is one row's dot with token t of
-    the prepared activation tuple `act`."""
+    MATVEC_CHUNK at a time (common.take_item). `row(w, r, act, t)` is one row's dot with token t of the
+    prepared activation tuple `act`."""
     return specialise(_matvec_experts, name, row=row)
 
 

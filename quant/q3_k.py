@@ -10,10 +10,9 @@ from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
-from .kquant import (I16, I32, I8, ROW_CHUNK, KQuant, block_decode, decode_scratch, f16_at,
-                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, row_dot_lanes, splat, task_rows, vec,
-                     ws_dot)
+from .common import QK_K, read_f16, take_item, work_counters
+from .kquant import (BLOCK_PF_BYTES, I16, I32, I8, MATVEC_CHUNK, ROW_CHUNK, KQuant, block_decode, decode_scratch,
+                     f16_at, fuse_matvec, group_scales, make_matvec_experts, q8_k16, row_dot_lanes, splat, vec, ws_dot)
 
 TYPE_SIZE = 110
 # llama.cpp multiplies batches of >= 8 tokens with its "tiled" kernel (ggml-cpu/tiled), whose
@@ -121,45 +120,34 @@ def lanes_q3_k(v, wps, qp, q8_dtype):
 
 
 decode_q3_k = block_decode(weights_q3_k)
-# vec_dot_q3_K_q8_K of row r (row2: rows r, r + 1) and token t, fused: the weights never leave registers
-row_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108)
-row2_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108, n_w=2)
+# vec_dot_q3_K_q8_K of row r and token t, fused: the weights never leave registers
+row_q3_k = row_dot_lanes(lanes_q3_k, TYPE_SIZE, 108, pf=BLOCK_PF_BYTES)
 
 
 @njit(inline="always")
-def _expert_row_q3_k(w, r, act, t):
+def _row(w, r, act, t):  # act: (qs, d8)
     return row_q3_k(w, r, act[0], act[1], t)
 
 
-matvec_experts_q3_k = make_matvec_experts(_expert_row_q3_k, "matvec_experts_q3_k")
+matvec_experts_q3_k = make_matvec_experts(_row, "matvec_experts_q3_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], qs i8|i16[n_tok, n_cols], d8 f32[n_tok, n_cols//256], bsums i32[n_tok, n_cols//16], w u8[n_rows, row_bytes]
     n_tok, n_rows = out.shape
     nb = qs.shape[1] // QK_K
-    chunk = ROW_CHUNK if n_tok > 1 else task_rows(n_rows, n_par)
+    chunk = ROW_CHUNK if n_tok > 1 else MATVEC_CHUNK
     n_chunks = (n_rows + chunk - 1) // chunk
     tiled = n_tok >= TILED_MIN_BATCH
-    ahead = rows_ahead(w)
-    counter = np.zeros(1, np.int64)
-    for _ in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
+    counters = work_counters(n_par)
+    for p in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
         buf = decode_scratch(n_tok if tiled else 1, nb)
-        c = take_next(counter)
-        while c < n_chunks:
+        c = take_item(counters, p, n_chunks, n_par)
+        while c >= 0:
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
             if not tiled:  # vec_dot_q3_K_q8_K per token
                 for t in range(n_tok):
-                    # two rows at a time where software prefetch runs ahead: without it, reading two rows
-                    # at once defeated the hardware prefetchers (4096x14336: 8 instead of 24 GB/s, 1 thread)
-                    r = r0
-                    while ahead and r + 1 < r1:
-                        prefetch_row(w, r, ahead)
-                        prefetch_row(w, r + 1, ahead)
-                        out[t, r], out[t, r + 1] = row2_q3_k(w, r, qs, d8, t)
-                        r += 2
-                    for r in range(r, r1):
-                        prefetch_row(w, r, ahead)
+                    for r in range(r0, r1):
                         out[t, r] = row_q3_k(w, r, qs, d8, t)
             else:  # decode the row chunk once for all tokens; the tiled kernel's per-block float steps
                 for r in range(r0, r1):
@@ -172,7 +160,7 @@ def matmul_q3_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
                             isum = ws_dot(buf, r - r0, b * QK_K, qs, t, b * QK_K)
                             acc += (np.float32(isum) * f16_at(w, r, b * TYPE_SIZE + 108)) * d8[t, b]
                         out[t, r] = acc
-            c = take_next(counter)
+            c = take_item(counters, p, n_chunks, n_par)
 
 
 class Q3_K(KQuant):

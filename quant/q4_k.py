@@ -18,15 +18,12 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from .base import QuantType
-from .common import (QK_K, FusedMatvec, fuse_matvec, prefetch_row, q8_k_activation, q8_k_serial, read_f16, rows_ahead,
-                     take_next)
-from .kquant import (I16, I32, SIMD, Vec, block_loop, c_matrix, check_expert_stacks, make_matvec_experts, specialise,
-                     splat, task_rows, vec)
+from .common import QK_K, FusedMatvec, fuse_matvec, q8_k_activation, q8_k_serial, read_f16, take_item, work_counters
+from .kquant import (BLOCK_PF_BYTES, I16, I32, MATVEC_CHUNK, SIMD, check_expert_stacks, make_matvec_experts,
+                     reduce_lanes, row_dot_scaled, specialise, splat, vec)
 
 
 @njit(inline="always")
@@ -104,57 +101,38 @@ def lanes_k45(five):
     return emit
 
 
-def block_sums_k45(v, wp, qp, bp, q8_dtype, lanes):
-    """(sumi, summ) i32 of the block at wp and the activation's quants at qp and 32-sums at bp: sumi the
-    sum of the `lanes_k45` lanes, summ = sum_j min_j * s_j (s: the 32-sums)."""
-    sumi = v.reduce_add(lanes(v, wp, qp, q8_dtype))
+def sum_lanes_k45(v, wp, qp, bp, q8_dtype, lanes):
+    """[sumi lanes, summ lanes] of the block at wp: the block's `lanes`, then min_j * s_j in vpmaddwd pairs
+    (s: the activation's 32-sums at bp); each vector's lanes sum exactly to sumi or summ."""
     sums = v.b.trunc(v.load(bp, 0, 8, I32), vec(I16, 8))  # the 32-sums fit int16 (32 * 127): vpmaddwd
-    return sumi, v.reduce_add(v.madd(v.zext(scales_mins_k4(v, wp)[1], I16), sums))
+    return [lanes(v, wp, qp, q8_dtype), v.madd(v.zext(scales_mins_k4(v, wp)[1], I16), sums)]
 
 
-def row_dot_k45(five, simd=SIMD):
-    """Intrinsic dot(w, r, qs, bs32, d8, t) -> f32: row r of w dotted with token t of the activation (quants
-    qs, 32-sums bs32, scales d8), in float32 without fma, per block (`block_sums_k45`)
-    y += (d8 * d) * sumi, ym += (-d8 * dmin) * summ; then y + ym. The block loop is emitted here (kquant.
-    block_loop), y and ym in registers. Unchecked indices."""
-    ts = 176 if five else 144
+def block_sums_k45(v, wp, qp, bp, q8_dtype, lanes):
+    """(sumi, summ) i32 of the block at wp and the activation's quants at qp and 32-sums at bp."""
+    s = reduce_lanes(v, sum_lanes_k45(v, wp, qp, bp, q8_dtype, lanes))
+    return tuple(v.b.extract_element(s, ir.Constant(I32, i)) for i in range(2))
+
+
+def row_dot_k45(five, simd=SIMD, pf=0):
+    """Intrinsic dot(w, r, qs, bs32, d8, t) -> f32: row r of w dotted with token t of the activation (quants qs,
+    32-sums bs32, scales d8), in float32 without fma, per block y += (d8 * d) * sumi, ym += (-d8 * dmin) * summ;
+    then y + ym (kquant.row_dot_scaled; pf: see kquant.block_loop). Unchecked indices."""
     lanes = lanes_k45(five)
-
-    @intrinsic
-    def dot(typingctx, w, r, qs, bs32, d8, t):
-        def codegen(context, builder, sig, args):
-            v = Vec(builder, simd)
-            f32 = ir.FloatType()
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(2)]
-
-            def block(wps, ptrs):
-                wp = wps[0]
-                qp, bp, dp = ptrs
-                d8b = builder.load(dp)
-                sumi, summ = block_sums_k45(v, wp, qp, bp, sig.args[2].dtype, lanes)
-                for acc, d, isum in ((accs[0], builder.fmul(d8b, v.f16(wp, 0)), sumi),
-                                     (accs[1], builder.fmul(builder.fneg(d8b), v.f16(wp, 2)), summ)):
-                    builder.store(builder.fadd(builder.load(acc), builder.fmul(d, builder.sitofp(isum, f32))), acc)
-            block_loop(context, builder, sig, args, ts, [(2, 5, QK_K), (3, 5, 8), (4, 5, 1)], block)
-            return builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        if (c_matrix(w, qs, bs32, d8) and bs32.dtype == types.int32 and d8.dtype == types.float32
-                and w.dtype == types.uint8):
-            return types.float32(w, r, qs, bs32, d8, t), codegen
-    return dot
+    return row_dot_scaled(lambda v, wp, qp, bp, q8_dtype: sum_lanes_k45(v, wp, qp, bp, q8_dtype, lanes),
+                          176 if five else 144, (0, 2), (1, -1), 8, simd, pf)
 
 
 def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`); out f32[1, n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
     n_rows = w.shape[0]
-    chunk = task_rows(n_rows, n_par)
-    ahead = rows_ahead(w)
-    counter = np.zeros(1, np.int64)
-    for _ in prange(n_par):  # chunks of rows, taken dynamically (common.take_next)
-        c = take_next(counter)
-        while c * chunk < n_rows:
-            for r in range(c * chunk, min(n_rows, (c + 1) * chunk)):
-                prefetch_row(w, r, ahead)
+    n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
+    counters = work_counters(n_par)
+    for p in prange(n_par):  # chunks of rows, taken dynamically (common.take_item)
+        c = take_item(counters, p, n_chunks, n_par)
+        while c >= 0:
+            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
                 out[0, r] = row(w, r, xq, bs32, d8, 0)  # noqa: F821 (bound by specialise)
-            c = take_next(counter)
+            c = take_item(counters, p, n_chunks, n_par)
 
 
 def _matmul(out, xq, d8, bs32, w):  # template (make_kernels binds `row`); out f32[n_tok, n_rows], xq i8[n_tok, n], d8 f32[n_tok, n//256], bs32 i32[n_tok, n//32], w u8[n_rows, row_bytes]
@@ -170,10 +148,13 @@ def make_kernels(five):
     `five` and the block size are closure constants, compiled in."""
     ts = 176 if five else 144
     qo = 48 if five else 16  # offset of qs in the block
-    row = row_dot_k45(five)
-
+    row = row_dot_k45(five, pf=BLOCK_PF_BYTES)
     tag = "q5_k" if five else "q4_k"
     matvec, matmul = (specialise(f, f"{f.__name__[1:]}_{tag}", row=row) for f in (_matvec, _matmul))
+
+    @njit(inline="always")
+    def expert_row(w, r, act, t):  # act: (qs, d8, bs32)
+        return row(w, r, act[0], act[2], act[1], t)
 
     @njit(cache=True, nogil=True, parallel=True)
     def dequantize(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
@@ -194,10 +175,6 @@ def make_kernels(five):
                         if five:
                             q |= ((w[r, o + 16 + l] >> j) & 1) << 4
                         out[r, b * QK_K + 32 * j + l] = dl * np.float32(q) - ml
-
-    @njit(inline="always")
-    def expert_row(w, r, act, t):
-        return row(w, r, act[0], act[2], act[1], t)
 
     experts = make_matvec_experts(expert_row, f"matvec_experts_{tag}")
     return matvec, matmul, dequantize, experts, fuse_matvec(q8_k32, matvec, f"matvec_x_{tag}",

@@ -11,13 +11,12 @@ to int16 and dots it with every token.
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .common import QK_K, prefetch_row, read_f16, rows_ahead, take_next
-from .kquant import (I16, I32, ROW_CHUNK, SIMD, KQuant, Vec, block_decode, block_loop, c_matrix, decode_scratch, f16_at,
-                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, splat, task_rows, vec, ws_dot)
+from .common import QK_K, read_f16, take_item, work_counters
+from .kquant import (BLOCK_PF_BYTES, I16, I32, MATVEC_CHUNK, ROW_CHUNK, KQuant, block_decode, decode_scratch, f16_at,
+                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, reduce_lanes, row_dot_scaled, splat, vec,
+                     ws_dot)
 
 TYPE_SIZE = 210
 
@@ -41,10 +40,10 @@ def weights_q6_k(v, wp):
 decode_q6_k = block_decode(weights_q6_k)
 
 
-def sums_q6_k(v, wp, qp, bp, q8_dtype):
-    """Exact int32 sum of scale * (q - 32) * x8 over the block at wp, for the Q8_K quants at qp and their
-    16-sums at bp: ggml's AVX2 pair products (Vec.maddubs/madd) on the unsigned q, v.width // 32 chunks
-    of 32 at a time, minus 32 * sum_g scale_g * bsum_g once per block."""
+def lanes_q6_k(v, wp, qp, bp, q8_dtype):
+    """[<8 x i32>] whose lanes sum exactly to the int32 sum of scale * (q - 32) * x8 over the block at wp, for
+    the Q8_K quants at qp and their 16-sums at bp: ggml's AVX2 pair products (Vec.maddubs/madd) on the unsigned
+    q, v.width // 32 chunks of 32 at a time, minus 32 * scale_g * bsum_g (vpmaddwd pairs) once per block."""
     b, h = v.b, v.width // 32
     sc16 = v.opaque(v.sext(v.load(wp, 192, 16), I16))
     acc = splat(I32, 8 * h, 0)
@@ -63,35 +62,24 @@ def sums_q6_k(v, wp, qp, bp, q8_dtype):
             sc = v.shuffle(sc16, sc16, [2 * (4 * hh + j) + i // 8 for j in ks for i in range(16)])
             acc = b.add(acc, v.madd(v.maddubs(b.or_(lo, hi), x), sc))  # |pair sums| <= 2 * 63 * 127
     bs = b.trunc(v.load(bp, 0, 16, I32), vec(I16, 16))  # |16-sums| <= 16 * 127 fit int16
-    corr = v.reduce_add(v.madd(sc16, bs))
-    return b.sub(v.reduce_add(acc), b.shl(corr, ir.Constant(I32, 5)))
+    return [b.sub(v.fold8(acc), v.shl(v.madd(sc16, bs), 5))]
 
 
-def row_dot_q6_k(simd=SIMD):
-    """Intrinsic dot(w, r, qs, bsums, d8, t) -> f32: row r of w dotted with token t of the Q8_K activation,
-    acc += (d8 * d) * isum per block (isum: sums_q6_k), the block loop emitted here (kquant.block_loop),
-    acc in a register. Unchecked indices."""
-    @intrinsic
-    def dot(typingctx, w, r, qs, bsums, d8, t):
-        def codegen(context, builder, sig, args):
-            v = Vec(builder, simd)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))
-
-            def block(wps, ptrs):
-                wp = wps[0]
-                qp, bp, dp = ptrs
-                isum = sums_q6_k(v, wp, qp, bp, sig.args[2].dtype)
-                term = builder.fmul(builder.fmul(builder.load(dp), v.f16(wp, 208)), builder.sitofp(isum, ir.FloatType()))
-                builder.store(builder.fadd(builder.load(acc), term), acc)
-            block_loop(context, builder, sig, args, TYPE_SIZE, [(2, 5, QK_K), (3, 5, 16), (4, 5, 1)], block)
-            return builder.load(acc)
-        if (c_matrix(w, qs, bsums, d8) and bsums.dtype == types.int32 and d8.dtype == types.float32
-                and w.dtype == types.uint8):
-            return types.float32(w, r, qs, bsums, d8, t), codegen
-    return dot
+def sums_q6_k(v, wp, qp, bp, q8_dtype):
+    """The exact int32 sum of scale * (q - 32) * x8 over the block at wp (the sum of its `lanes_q6_k`)."""
+    return v.b.extract_element(reduce_lanes(v, lanes_q6_k(v, wp, qp, bp, q8_dtype)), ir.Constant(I32, 0))
 
 
-row_q6_k = row_dot_q6_k()
+# acc += (d8 * d) * isum per block (isum: lanes_q6_k's sum), in float32 without fma
+row_q6_k = row_dot_scaled(lanes_q6_k, TYPE_SIZE, (208,), (1,), 16, pf=BLOCK_PF_BYTES)
+
+
+@njit(inline="always")
+def _row(w, r, act, t):  # act: (qs, d8, bsums)
+    return row_q6_k(w, r, act[0], act[2], act[1], t)
+
+
+matvec_experts_q6_k = make_matvec_experts(_row, "matvec_experts_q6_k")
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -110,30 +98,20 @@ def dequantize_q6_k(out, w):  # out f32[n_rows, n_cols], w u8[n_rows, row_bytes]
                 out[r, b * QK_K + e] = (d * scale) * np.float32((lo | (hi << 4)) - 32)
 
 
-@njit(inline="always")
-def _expert_row_q6_k(w, r, act, t):
-    return row_q6_k(w, r, act[0], act[2], act[1], t)
-
-
-matvec_experts_q6_k = make_matvec_experts(_expert_row_q6_k, "matvec_experts_q6_k")
-
-
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], qs i8|i16[n_tok, n_cols], d8 f32[n_tok, n_cols//256], bsums i32[n_tok, n_cols//16], w u8[n_rows, row_bytes]
     n_tok, n_rows = out.shape
     nb = qs.shape[1] // QK_K
-    chunk = ROW_CHUNK if n_tok > 1 else task_rows(n_rows, n_par)
+    chunk = ROW_CHUNK if n_tok > 1 else MATVEC_CHUNK
     n_chunks = (n_rows + chunk - 1) // chunk
-    ahead = rows_ahead(w)
-    counter = np.zeros(1, np.int64)
-    for _ in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
+    counters = work_counters(n_par)
+    for p in prange(n_par):  # one task per thread: the decode scratch is allocated once per thread
         buf = decode_scratch(n_tok, nb)
-        c = take_next(counter)
-        while c < n_chunks:
+        c = take_item(counters, p, n_chunks, n_par)
+        while c >= 0:
             r0, r1 = c * chunk, min(n_rows, (c + 1) * chunk)
             if n_tok == 1:  # matvec: fused, the weights never leave registers
                 for r in range(r0, r1):
-                    prefetch_row(w, r, ahead)
                     out[0, r] = row_q6_k(w, r, qs, bsums, d8, 0)
             else:  # decode the row chunk once, then dot it with every token (same float steps)
                 for r in range(r0, r1):
@@ -147,7 +125,7 @@ def matmul_q6_k_q8_k(out, qs, d8, bsums, w, n_par):  # out f32[n_tok, n_rows], q
                             isum = ws_dot(buf, r - r0, b * QK_K, qs, t, b * QK_K)
                             acc += (d8[t, b] * f16_at(w, r, o + 208)) * np.float32(isum)
                         out[t, r] = acc
-            c = take_next(counter)
+            c = take_item(counters, p, n_chunks, n_par)
 
 
 class Q6_K(KQuant):

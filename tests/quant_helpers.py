@@ -15,7 +15,8 @@ from localmoe.quant.common import q8_k_buffers, quantize_q8_k_rows
 
 # --- K-quant kernels ------------------------------------------------------------------
 
-SHAPES = [(1, 256), (3, 512), (7, 1024), (2, 2048), (37, 256)]  # 37 rows: several parallel row chunks
+# 37 rows: several parallel row chunks; 9728 columns: rows over 4 KiB in every K-quant
+SHAPES = [(1, 256), (3, 512), (7, 1024), (2, 2048), (37, 256), (3, 9728)]
 # fp16 bit patterns: +-65504, smallest and largest subnormal, other subnormals, smallest normal, +-0, 1, -0.5
 EXTREME_F16 = np.array([0x7BFF, 0xFBFF, 0x0001, 0x03FF, 0x8123, 0x0400, 0x0000, 0x8000, 0x3C00, 0xB800], np.uint16)
 # inf, -inf, quiet nans (negative ones with payloads), signalling nan: dequantize must keep their bits

@@ -6,11 +6,11 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K as GQ4_K
 from gguf.quants import dequantize as gguf_dequantize
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from localmoe.quant import quant_type
-from localmoe.quant.common import c_matrix, q8_k_activation, row_ptr
+from localmoe.quant.common import c_matrix, q8_k_activation, row_ptr, take_item, work_counters
 from localmoe.quant.kquant import SIMD, SIMD_LEVELS, Vec
 from localmoe.quant.q3_k import lanes_q3_k
 from localmoe.quant.q4_k import block_sums_k45, lanes_k45
@@ -147,12 +147,13 @@ def test_q6_k_block_sums(simd, q8_dtype):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("qtype", [T.Q3_K], ids=lambda t: t.name)
-def test_matvec_bit_identical_to_ggml_vec_dot(qtype):
+@pytest.mark.parametrize("n_cols", [2048, 9728])  # rows under and over 4 KiB
+def test_matvec_bit_identical_to_ggml_vec_dot(qtype, n_cols):
     """Q3_K follows the float steps of ggml's AVX2 vec_dot_q3_K_q8_K (plain, not repacked, weights)."""
     import llama_cpp  # noqa: F401  (GgmlMatvec loads its libggml)
     from benchmarks._common import GgmlMatvec
     qt = quant_type(qtype)
-    n_rows, n_cols = 47, 2048  # odd: the matvec takes rows in pairs, then the last alone
+    n_rows = 47  # odd: two threads' row chunks differ
     rng = np.random.default_rng(5)
     w = rng.integers(0, 256, (n_rows, n_cols // 256, qt.type_size), dtype=np.uint8)
     for off in {T.Q3_K: (108,), T.Q4_K: (0, 2)}[qtype]:  # finite fp16 scales of both signs
@@ -209,3 +210,37 @@ def test_fused_matvec_checks_and_fallback(qtype):
     assert len(type(qt)._matvec_x.signatures) == 1, "the fused kernel compiled a second signature"
     with pytest.raises(ValueError, match=qt.qtype.name):
         qt.matvec_into(np.empty(n_rows, np.float32), x[:n_cols - qt.block_size], w)
+
+
+@njit
+def _take_all(order, n_items, n_par):
+    """Items taken in turn by the threads listed in order (-1 once a thread gets none), serially."""
+    counters = work_counters(n_par)
+    got = []
+    for t in order:
+        got.append(take_item(counters, t, n_items, n_par))
+    return got
+
+
+@njit(parallel=True)
+def _take_parallel(n_items, n_par):
+    seen = np.zeros(n_items, np.int64)
+    counters = work_counters(n_par)
+    for t in prange(n_par):
+        i = take_item(counters, t, n_items, n_par)
+        while i >= 0:
+            seen[i] += 1
+            i = take_item(counters, t, n_items, n_par)
+    return seen
+
+
+def test_take_item_own_range_then_the_others():
+    """common.take_item: thread t runs through its own contiguous share in order, then takes what is left of
+    the others' shares; every item goes out once."""
+    def take(order, n_items, n_par):
+        return list(_take_all(np.array(order), n_items, n_par))
+    assert take([0, 1, 0, 1, 0, 1, 1, 1], 7, 2) == [0, 3, 1, 4, 2, 5, 6, -1]
+    assert take([1] * 8, 7, 2) == [3, 4, 5, 6, 0, 1, 2, -1]  # thread 0 never came: 1 takes its share too
+    assert take([2, 2, 0, 2, 2, 1], 5, 3) == [3, 4, 0, 1, 2, -1]  # shares 0 / 1-2 / 3-4
+    for n_items, n_par in ((0, 2), (1, 2), (7, 2), (100, 3), (5, 8)):  # n_par above the pool size: still once each
+        np.testing.assert_array_equal(_take_parallel(n_items, n_par), np.ones(n_items, np.int64))
