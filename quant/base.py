@@ -58,9 +58,8 @@ class QuantType:
 
     # out: f32[n_mat, n_sel, n_rows]   stacks: n_mat x u8[n_expert, n_rows, row_bytes]   sel, xrow: i64[n_sel]
     def matvec_experts_into(self, out: np.ndarray, act, stacks, sel: np.ndarray, xrow: np.ndarray) -> None:
-        """out[m, s] = stacks[m][sel[s]] @ x[xrow[s]]: a MoE decode step's expert matvecs.
-        Types with a fused kernel (Q4_K, Q5_K, Q6_K) run them all in one parallel region,
-        which matters on a busy machine, where every fork/join can wait for a descheduled thread."""
+        """out[m, s] = stacks[m][sel[s]] @ x[xrow[s]]: a MoE decode step's expert matvecs, one matvec each
+        (common.FusedExperts runs them all in one parallel region instead)."""
         for m, w in enumerate(stacks):
             for s in range(len(sel)):
                 self.matmul_prepared_into(out[m, s][None], self.take_rows(act, slice(xrow[s], xrow[s] + 1)), w[sel[s]])

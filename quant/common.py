@@ -274,3 +274,54 @@ def prefetch_row(w, r, ahead):
     if ahead:
         for o in range(0, w.shape[1], 64):
             prefetch(w, r + ahead, o)
+
+
+# rows per work item of a matvec (take_item: each thread runs through contiguous items)
+MATVEC_CHUNK = 128
+
+
+def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matvec_experts; out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
+    n_mat, n_sel, n_rows = out.shape
+    n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
+    n_items = n_mat * n_sel * n_chunks
+    counters = work_counters(n_par)
+    for t in prange(n_par):
+        i = take_item(counters, t, n_items, n_par)
+        while i >= 0:
+            ms, c = i // n_chunks, i % n_chunks
+            m, s = ms // n_sel, ms % n_sel
+            w = ws[m][sel[s]]
+            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
+                out[m, s, r] = row(w, r, act, xrow[s])  # noqa: F821 (bound by specialise)
+            i = take_item(counters, t, n_items, n_par)
+
+
+def make_matvec_experts(row, name: str):
+    """Kernel `name`(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
+    for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
+    MATVEC_CHUNK at a time (common.take_item). `row(w, r, act, t)` is one row's dot with token t of the
+    prepared activation tuple `act`."""
+    return specialise(_matvec_experts, name, row=row)
+
+
+def check_expert_stacks(qt, out, act, stacks, sel, xrow):
+    """The checks matvec_experts kernels rely on (they index without bounds checks)."""
+    qs = act[0]
+    if (not all(w.ndim == 3 and w.shape[1:] == (out.shape[2], qt.row_bytes(qs.shape[1])) and w.flags.c_contiguous
+                for w in stacks) or len(stacks) != out.shape[0] or qs.dtype != np.int8
+            or max(sel) >= min(w.shape[0] for w in stacks) or max(xrow) >= qs.shape[0]):
+        raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
+
+
+class FusedExperts:
+    """Mixin: `matvec_experts_into` runs all of a MoE decode step's expert matvecs in one parallel region, the
+    kernel `_experts` (a make_matvec_experts kernel; None: the base class's matvec per expert). One region
+    matters on a busy machine, where every fork/join can wait for a descheduled thread."""
+
+    _experts = None
+
+    def matvec_experts_into(self, out, act, stacks, sel, xrow):
+        if self._experts is None:
+            return super().matvec_experts_into(out, act, stacks, sel, xrow)
+        check_expert_stacks(self, out, act, stacks, sel, xrow)
+        self._experts(out, tuple(act), tuple(stacks), sel, xrow, numba.get_num_threads())

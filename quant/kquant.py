@@ -22,17 +22,14 @@ import numba
 import numpy as np
 from llvmlite import binding as ll
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import (QK_K, FusedMatvec, c_matrix, fuse_matvec, prefetch_ptr, q8_k_activation, q8_k_serial, row_ptr,
-                     specialise, take_item, work_counters)
+from .common import QK_K, FusedExperts, FusedMatvec, c_matrix, prefetch_ptr, q8_k_activation, q8_k_serial, row_ptr
 
 ROW_CHUNK = 16  # rows per parallel task; decoded for prefill, 16 rows of int16 stay in L2
-# rows per work item of a matvec (common.take_item: each thread runs through contiguous items)
-MATVEC_CHUNK = 128
 # How far ahead the matvec rows prefetch, each block the lines this many bytes past it (block_loop's pf). From
 # DRAM at 2 threads it beat one burst of the row 4 KiB ahead (common.prefetch_row, as the legacy types do) at
 # every shape tried (Q4_K/Q6_K/Q3_K 14336x4096: 43/41/44 -> 48/51/45 GB/s; Q4_K 2048x768 40.7 -> 42.6) and no
@@ -418,45 +415,12 @@ def decode_scratch(n_tok, nb):
     return np.empty((ROW_CHUNK if n_tok > 1 else 0, nb * QK_K), np.int16)
 
 
-def _matvec_experts(out, act, ws, sel, xrow, n_par):  # template, see make_matvec_experts; out f32[n_mat, n_sel, n_rows], act: tuple of [n_x, ...] arrays, ws: n_mat x u8[n_expert, n_rows, row_bytes], sel/xrow i64[n_sel]
-    n_mat, n_sel, n_rows = out.shape
-    n_chunks = (n_rows + MATVEC_CHUNK - 1) // MATVEC_CHUNK
-    n_items = n_mat * n_sel * n_chunks
-    counters = work_counters(n_par)
-    for t in prange(n_par):
-        i = take_item(counters, t, n_items, n_par)
-        while i >= 0:
-            ms, c = i // n_chunks, i % n_chunks
-            m, s = ms // n_sel, ms % n_sel
-            w = ws[m][sel[s]]
-            for r in range(c * MATVEC_CHUNK, min(n_rows, (c + 1) * MATVEC_CHUNK)):
-                out[m, s, r] = row(w, r, act, xrow[s])  # noqa: F821 (bound by specialise)
-            i = take_item(counters, t, n_items, n_par)
-
-
-def make_matvec_experts(row, name: str):
-    """Kernel `name`(out, act, ws, sel, xrow, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
-    for every matrix m and slot s (a MoE decode step's expert matvecs) in one parallel region, rows taken
-    MATVEC_CHUNK at a time (common.take_item). `row(w, r, act, t)` is one row's dot with token t of the
-    prepared activation tuple `act`."""
-    return specialise(_matvec_experts, name, row=row)
-
-
-def check_expert_stacks(qt, out, act, stacks, sel, xrow):
-    """The checks matvec_experts kernels rely on (they index without bounds checks)."""
-    qs = act[0]
-    if (not all(w.ndim == 3 and w.shape[1:] == (out.shape[2], qt.row_bytes(qs.shape[1])) and w.flags.c_contiguous
-                for w in stacks) or len(stacks) != out.shape[0] or qs.dtype != np.int8
-            or max(sel) >= min(w.shape[0] for w in stacks) or max(xrow) >= qs.shape[0]):
-        raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
-
-
 @njit(inline="always")
 def q8_k16(x):  # x f32[n_tok, n] -> KQuant's prepared activation, on this thread
     return q8_k_serial(x, 16)
 
 
-class KQuant(FusedMatvec, QuantType):
+class KQuant(FusedMatvec, FusedExperts, QuantType):
     """Shared driver for the K-quants: x -> Q8_K once (`prepare`), then the integer kernels.
 
     Subclasses set `_dequantize(out, w)`, `_kernel(out, qs, d8, bsums, w, n_par)`, for a
@@ -499,10 +463,3 @@ class KQuant(FusedMatvec, QuantType):
         self._check_weights(w, out.shape[1], n_cols)
         self._kernel(out, qs, d8, bsums, w, numba.get_num_threads())
 
-    _experts = None
-
-    def matvec_experts_into(self, out, act, stacks, sel, xrow):
-        if self._experts is None:
-            return super().matvec_experts_into(out, act, stacks, sel, xrow)
-        check_expert_stacks(self, out, act, stacks, sel, xrow)
-        self._experts(out, act, tuple(stacks), sel, xrow, numba.get_num_threads())

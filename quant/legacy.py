@@ -18,7 +18,7 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import FusedMatvec, fuse_matvec, prefetch_row, rows_ahead, specialise
+from .common import FusedExperts, FusedMatvec, fuse_matvec, make_matvec_experts, prefetch_row, rows_ahead, specialise
 from .floats import f16_to_f32
 from .q8 import QK8, q8_serial, quantize_activations
 
@@ -240,11 +240,21 @@ def dequantize_legacy(out, w, kind):  # out f32[n_rows, n_cols], w u8[n_rows, ro
             _dequant_blocks(w[r], out[r], Q8_0)
 
 
+def _expert_row(kind):
+    """make_matvec_experts' row(w, r, act, t) for the legacy type `kind` (act: qy, dy, sy), prefetching as
+    matvec_q8act does."""
+    @njit(inline="always")
+    def row(w, r, act, t):
+        prefetch_row(w, r, rows_ahead(w))
+        return _dot_row(w[r], act[0][t], act[1][t], act[2][t], kind)
+    return row
+
+
 def _matvec_kind(out, qy, dy, sy, w, n_par):  # template (_Legacy binds KIND); out f32[1, n_rows], qy i8[1, n_cols], dy/sy f32[1, n_cols//32]
     matvec_q8act(out[0], qy[0], dy[0], sy[0], w, KIND)  # noqa: F821 (bound by specialise)
 
 
-class _Legacy(FusedMatvec, QuantType):
+class _Legacy(FusedMatvec, FusedExperts, QuantType):
     act_format = "q8"  # one Q8 format serves the _0 (Q8_0) and _1 (Q8_1) types, see q8.py
 
     def __init_subclass__(cls, **kw):
@@ -252,6 +262,7 @@ class _Legacy(FusedMatvec, QuantType):
         name = cls.qtype.name.lower()
         kernel = specialise(_matvec_kind, f"matvec_{name}", parallel=False, KIND=int(cls.qtype), matvec_q8act=matvec_q8act)
         cls._matvec_x = staticmethod(fuse_matvec(q8_serial, kernel, f"matvec_x_{name}", cls.qtype))
+        cls._experts = staticmethod(make_matvec_experts(_expert_row(int(cls.qtype)), f"matvec_experts_{name}"))
 
     def dequantize_into(self, out, w):
         dequantize_legacy(out, w, int(self.qtype))

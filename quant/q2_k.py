@@ -9,9 +9,9 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .common import QK_K, read_f16
+from .common import QK_K, fuse_matvec, read_f16
 from .kquant import (I16, I32, ROW_CHUNK, KQuant, Vec, block_decode, block_dot, c_matrix, decode_scratch, f16_at,
-                     fuse_matvec, group_scales, q8_k16, row_ptr, vec, ws_dot)
+                     group_scales, q8_k16, row_ptr, vec, ws_dot)
 
 TYPE_SIZE = 84
 

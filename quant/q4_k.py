@@ -21,9 +21,9 @@ from llvmlite import ir
 from numba import njit, prange
 
 from .base import QuantType
-from .common import QK_K, FusedMatvec, fuse_matvec, q8_k_activation, q8_k_serial, read_f16, take_item, work_counters
-from .kquant import (BLOCK_PF_BYTES, I16, I32, MATVEC_CHUNK, SIMD, check_expert_stacks, make_matvec_experts,
-                     reduce_lanes, row_dot_scaled, specialise, splat, vec)
+from .common import (MATVEC_CHUNK, QK_K, FusedExperts, FusedMatvec, fuse_matvec, make_matvec_experts, q8_k_activation,
+                     q8_k_serial, read_f16, specialise, take_item, work_counters)
+from .kquant import BLOCK_PF_BYTES, I16, I32, SIMD, reduce_lanes, row_dot_scaled, splat, vec
 
 
 @njit(inline="always")
@@ -186,7 +186,7 @@ def q8_k32(x):  # x f32[n_tok, n] -> KQuant45's prepared activation, on this thr
     return q8_k_serial(x, 32)
 
 
-class KQuant45(FusedMatvec, QuantType):
+class KQuant45(FusedMatvec, FusedExperts, QuantType):
     """Driver shared by Q4_K and Q5_K; subclasses set `kernels = make_kernels(five)`.
 
     `prepare` gives x as Q8_K with 32-sums (act_format "q8_k32"), for any
@@ -197,7 +197,7 @@ class KQuant45(FusedMatvec, QuantType):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        cls._matvec_x = staticmethod(cls.kernels[4])
+        cls._matvec_x, cls._experts = staticmethod(cls.kernels[4]), staticmethod(cls.kernels[3])
 
     def dequantize_into(self, out, w):
         self.kernels[2](out, w)
@@ -218,9 +218,6 @@ class KQuant45(FusedMatvec, QuantType):
         else:
             self.kernels[1](out, *act, w)
 
-    def matvec_experts_into(self, out, act, stacks, sel, xrow):
-        check_expert_stacks(self, out, act, stacks, sel, xrow)
-        self.kernels[3](out, tuple(act), tuple(stacks), sel, xrow, numba.get_num_threads())
 
 
 class Q4_K(KQuant45):

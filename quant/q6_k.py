@@ -13,10 +13,9 @@ from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from .common import QK_K, read_f16, take_item, work_counters
-from .kquant import (BLOCK_PF_BYTES, I16, I32, MATVEC_CHUNK, ROW_CHUNK, KQuant, block_decode, decode_scratch, f16_at,
-                     fuse_matvec, group_scales, make_matvec_experts, q8_k16, reduce_lanes, row_dot_scaled, splat, vec,
-                     ws_dot)
+from .common import MATVEC_CHUNK, QK_K, fuse_matvec, make_matvec_experts, read_f16, take_item, work_counters
+from .kquant import (BLOCK_PF_BYTES, I16, I32, ROW_CHUNK, KQuant, block_decode, decode_scratch, f16_at, group_scales,
+                     q8_k16, reduce_lanes, row_dot_scaled, splat, vec, ws_dot)
 
 TYPE_SIZE = 210
 

@@ -55,9 +55,10 @@ def test_prepared_activation_reused(qtype):
 
 @pytest.mark.parametrize("qtype", supported_types(), ids=lambda t: t.name)
 def test_matvec_experts_equals_matvecs(qtype):
-    """matvec_experts_into (fused for Q4_K/Q5_K/Q6_K) == one matvec_into per (matrix, expert), bit for bit."""
+    """matvec_experts_into (one fused kernel for the K-quants and legacy types) == one matvec_into per (matrix,
+    expert), bit for bit."""
     qt = quant_type(qtype)
-    n_rows, k = 40, 3  # 40 rows: not a multiple of the 16-row tasks
+    n_rows, k = 136, 3  # 136 rows: two work items of MATVEC_CHUNK rows each, the second short
     stacks = (weights(qtype, (6, n_rows, N_COLS), 4), weights(qtype, (6, n_rows, N_COLS), 5))
     x = np.random.default_rng(6).standard_normal((k, N_COLS)).astype(np.float32)
     sel, xrow = np.array([5, 0, 5], np.int64), np.array([2, 0, 1], np.int64)
