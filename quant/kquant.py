@@ -379,13 +379,16 @@ def row_dot_scaled(sums, type_size, d_offs, signs, bs_step, simd=SIMD, pf=0):
             def block(wp, ptrs):
                 qp, bp, dp = ptrs
                 isums = builder.sitofp(reduce_lanes(v, sums(v, wp, qp, bp, sig.args[2].dtype)), fv)
-                ds = ir.Constant(fv, None)
-                for i, (o, sign) in enumerate(zip(d_offs, signs)):
-                    d = v.f16(wp, o)
-                    ds = builder.insert_element(ds, builder.fneg(d) if sign < 0 else d, ir.Constant(I32, i))
+                if list(d_offs) == list(range(d_offs[0], d_offs[0] + 2 * m, 2)):  # adjacent: one load, one vcvtph2ps
+                    ds = builder.fpext(v.load(wp, d_offs[0], m, ir.HalfType()), fv)
+                else:
+                    ds = ir.Constant(fv, None)
+                    for i, o in enumerate(d_offs):
+                        ds = builder.insert_element(ds, v.f16(wp, o), ir.Constant(I32, i))
                 d8v = builder.insert_element(ir.Constant(fv, ir.Undefined), builder.load(dp), ir.Constant(I32, 0))
                 d8v = builder.shuffle_vector(d8v, d8v, ir.Constant(vec(I32, m), [0] * m))
-                term = builder.fmul(builder.fmul(d8v, ds), isums)  # d8 * -dmin == -d8 * dmin exactly
+                d8v = builder.fmul(d8v, ir.Constant(fv, [float(sg) for sg in signs]))  # exact: +-d8
+                term = builder.fmul(builder.fmul(d8v, ds), isums)  # -d8 * dmin: ggml's order
                 builder.store(builder.fadd(builder.load(acc), term), acc)
             block_loop(context, builder, sig, args, type_size, [(2, 5, QK_K), (3, 5, bs_step), (4, 5, 1)], block, pf)
             a = builder.load(acc)
