@@ -256,7 +256,7 @@ def prefetch_ptr(builder, p):
 # Software prefetch distance of the legacy types' matvecs (the K-quants prefetch inside their block loops,
 # kquant.BLOCK_PF_BYTES): the hardware prefetchers stop at 4 KiB page
 # boundaries, and weights (mmap'd files, numpy arrays under 4 MiB) sit on 4 KiB pages. Prefetching
-# one page ahead cut Q4_K 2048x768 from DRAM from 30-34 us to 26-28 us per call at 2 threads.
+# one page ahead cut Q4_K 2048x768 (which then prefetched so) from DRAM from 30-34 to 26-28 us per call at 2 threads.
 # Only for rows shorter than that: a row's worth of prefetches at once (238 for a 14336-column
 # Q8_0 row) crowds out the demand loads (Q8_0 4096x14336 fell from ~40 to 21 GB/s).
 PF_BYTES = 4096

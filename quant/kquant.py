@@ -307,7 +307,7 @@ def block_loop(context, builder, sig, args, type_size, arrays, block, pf=0):
 def row_dot_lanes(lanes, type_size, d_off, simd=SIMD, pf=0):
     """Intrinsic dot(w, r, qs, d8, t) -> f32: row r of w (blocks of type_size bytes, fp16 d at byte d_off)
     dotted with token t of the Q8_K activation (qs i8|i16, d8), in ggml's AVX2 float steps: per block
-    acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's hsum_float_8. `lanes(v, [wp], qp, q8_dtype)`
+    acc = fma(d8 * d, lanes, acc) on 8 float lanes, then ggml's hsum_float_8. `lanes(v, wp, qp, q8_dtype)`
     emits the <8 x i32> exact integer lanes of the block at wp. The block loop is emitted here, acc in
     registers: accumulated in a scratch array by a numba loop instead, the same block code ran 20-25%
     slower in some loop nests (Q3_K at 1 thread). pf: see block_loop. Unchecked indices."""
@@ -319,7 +319,7 @@ def row_dot_lanes(lanes, type_size, d_off, simd=SIMD, pf=0):
 
             def block(wp, ptrs):
                 qp, dp = ptrs
-                ints, = lanes(v, [wp], qp, sig.args[2].dtype)
+                ints = lanes(v, wp, qp, sig.args[2].dtype)
                 d = builder.fmul(builder.load(dp), v.f16(wp, d_off))
                 builder.store(fma_lanes(builder, d, ints, builder.load(acc)), acc)
             block_loop(context, builder, sig, args, type_size, [(2, 4, QK_K), (3, 4, 1)], block, pf)
@@ -360,14 +360,14 @@ def reduce_lanes(v, vecs):
     return x
 
 
-def row_dot_scaled(sums, type_size, d_offs, signs, bs_step, simd=SIMD, pf=0):
+def row_dot_scaled(sums, type_size, d_off, signs, bs_step, simd=SIMD, pf=0):
     """Intrinsic dot(w, r, qs, bsums, d8, t) -> f32: row r of w (blocks of type_size bytes) dotted with token t
     of a Q8_K activation (qs i8|i16, bsums: bs_step sums per block, d8). Per block and term i (fp16 scale d_i
-    at byte d_offs[i], negated where signs[i] < 0): acc_i += (d8 * d_i) * float(isum_i)
+    at byte d_off + 2 i, negated where signs[i] < 0): acc_i += (d8 * d_i) * float(isum_i)
     in float32 without fma, all terms in one float vector; the result is acc_0 + acc_1 + ... `sums(v, wp, qp,
     bp, q8_dtype)` emits one int32 lane vector per term, whose lanes sum exactly to isum_i; they are reduced
     together (`reduce_lanes`). pf: see block_loop. Unchecked indices."""
-    m = len(d_offs)
+    m = len(signs)
     fv = vec(ir.FloatType(), m)
 
     @intrinsic
@@ -379,12 +379,7 @@ def row_dot_scaled(sums, type_size, d_offs, signs, bs_step, simd=SIMD, pf=0):
             def block(wp, ptrs):
                 qp, bp, dp = ptrs
                 isums = builder.sitofp(reduce_lanes(v, sums(v, wp, qp, bp, sig.args[2].dtype)), fv)
-                if list(d_offs) == list(range(d_offs[0], d_offs[0] + 2 * m, 2)):  # adjacent: one load, one vcvtph2ps
-                    ds = builder.fpext(v.load(wp, d_offs[0], m, ir.HalfType()), fv)
-                else:
-                    ds = ir.Constant(fv, None)
-                    for i, o in enumerate(d_offs):
-                        ds = builder.insert_element(ds, v.f16(wp, o), ir.Constant(I32, i))
+                ds = builder.fpext(v.load(wp, d_off, m, ir.HalfType()), fv)  # one load, one vcvtph2ps
                 d8v = builder.insert_element(ir.Constant(fv, ir.Undefined), builder.load(dp), ir.Constant(I32, 0))
                 d8v = builder.shuffle_vector(d8v, d8v, ir.Constant(vec(I32, m), [0] * m))
                 d8v = builder.fmul(d8v, ir.Constant(fv, [float(sg) for sg in signs]))  # exact: +-d8

@@ -88,35 +88,32 @@ def weights_q3_k(v, wp):
     return chunks
 
 
-def lanes_q3_k(v, wps, qp, q8_dtype):
-    """For each block pointer in wps, <8 x i32>, lane k the exact sum of weight * q8 over the block's elements
-    e with e % 32 in 4k..4k+3: the lanes of ggml's AVX2 vec_dot_q3_K_q8_K, by Vec.maddubs/madd on
-    v.width // 32 chunks of 32 elements at a time. u = low2 + 4 * hbit is unsigned, q = u - 4:
-    q . x = u . x - 4 . x (measured 10% faster than ggml's low2 . x - (4 where the bit is clear) . x);
-    the blocks share x and 4 . x."""
+def lanes_q3_k(v, wp, qp, q8_dtype):
+    """<8 x i32>, lane k the exact sum of weight * q8 over the block's elements e with e % 32 in 4k..4k+3: the
+    lanes of ggml's AVX2 vec_dot_q3_K_q8_K, by Vec.maddubs/madd on v.width // 32 chunks of 32 elements at a
+    time. u = low2 + 4 * hbit is unsigned, q = u - 4: q . x = u . x - 4 . x (measured 10% faster than
+    ggml's low2 . x - (4 where the bit is clear) . x)."""
     b, h = v.b, v.width // 32
-    sc16 = [v.opaque(scales_q3_k(v, wp)) for wp in wps]
-    hm = [v.rep(v.load(wp, 0, 32), h) for wp in wps]
-    hm4 = [None if v.vbmi else v.shl16(m, 2) for m in hm]  # bits 0, 1 at bits 2, 3 (bits 6, 7 of odd bytes: lost, unused)
+    sc16 = v.opaque(scales_q3_k(v, wp))
+    hm = v.rep(v.load(wp, 0, 32), h)
+    hm4 = None if v.vbmi else v.shl16(hm, 2)  # bits 0, 1 at bits 2, 3 (bits 6, 7 of odd bytes: lost, unused)
     four = splat(I8, 32 * h, 4)
-    acc = [splat(I32, 8 * h, 0) for _ in wps]
+    acc = splat(I32, 8 * h, 0)
     for n in range(2):
-        q2 = [v.rep(v.load(wp, 32 + 32 * n, 32), h) for wp in wps]
+        q2 = v.rep(v.load(wp, 32 + 32 * n, 32), h)
         for j in range(0, 4, h):
             cs = range(4 * n + j, 4 * n + j + h)  # chunk c: elements 32c..32c+31, hmask bit c
             x = v.load_q8(qp, 32 * cs[0], 32 * h, q8_dtype)
-            x4 = v.maddubs(four, x)
-            for i in range(len(wps)):
-                if v.vbmi:  # u's bits 0-1 from bits 2c % 8 of q2, bit 2 from bit c of hm: a vgf2p8affineqb each
-                    lo = v.bit_select(q2[i], [[2 * (c % 4), 2 * (c % 4) + 1] for c in cs for _ in range(4)])
-                    u = b.or_(lo, v.bit_select(hm[i], [[None, None, c] for c in cs for _ in range(4)]))
-                else:  # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
-                    hb = v.shr16(hm4[i], list(cs)) if cs[0] < 2 else v.shr16(hm[i], [c - 2 for c in cs])
-                    u = b.or_(v.mask(v.shr16(q2[i], [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
-                p16 = b.sub(v.maddubs(u, x), x4)  # |pair sums| <= 2 * 7 * 127: no saturation
-                sc = v.shuffle(sc16[i], sc16[i], [2 * c + k // 8 for c in cs for k in range(16)])
-                acc[i] = b.add(acc[i], v.madd(p16, sc))
-    return [v.fold8(a) for a in acc]
+            if v.vbmi:  # u's bits 0-1 from bits 2c % 8 of q2, bit 2 from bit c of hm: a vgf2p8affineqb each
+                lo = v.bit_select(q2, [[2 * (c % 4), 2 * (c % 4) + 1] for c in cs for _ in range(4)])
+                u = b.or_(lo, v.bit_select(hm, [[None, None, c] for c in cs for _ in range(4)]))
+            else:  # hmask bit c shifted to bit 2 (= 4 * hbit) in one right shift
+                hb = v.shr16(hm4, list(cs)) if cs[0] < 2 else v.shr16(hm, [c - 2 for c in cs])
+                u = b.or_(v.mask(v.shr16(q2, [2 * (c % 4) for c in cs]), 3), v.mask(hb, 4))
+            p16 = b.sub(v.maddubs(u, x), v.maddubs(four, x))  # |pair sums| <= 2 * 7 * 127: no saturation
+            sc = v.shuffle(sc16, sc16, [2 * c + k // 8 for c in cs for k in range(16)])
+            acc = b.add(acc, v.madd(p16, sc))
+    return v.fold8(acc)
 
 
 decode_q3_k = block_decode(weights_q3_k)

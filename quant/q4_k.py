@@ -120,7 +120,7 @@ def row_dot_k45(five, simd=SIMD, pf=0):
     then y + ym (kquant.row_dot_scaled; pf: see kquant.block_loop). Unchecked indices."""
     lanes = lanes_k45(five)
     return row_dot_scaled(lambda v, wp, qp, bp, q8_dtype: sum_lanes_k45(v, wp, qp, bp, q8_dtype, lanes),
-                          176 if five else 144, (0, 2), (1, -1), 8, simd, pf)
+                          176 if five else 144, 0, (1, -1), 8, simd, pf)
 
 
 def _matvec(out, xq, d8, bs32, w, n_par):  # template (make_kernels binds `row`); out f32[1, n_rows], xq i8[1, n], d8 f32[1, n//256], bs32 i32[1, n//32], w u8[n_rows, row_bytes]; n_par threads
@@ -217,7 +217,6 @@ class KQuant45(FusedMatvec, FusedExperts, QuantType):
             self.kernels[0](out, *act, w, numba.get_num_threads())
         else:
             self.kernels[1](out, *act, w)
-
 
 
 class Q4_K(KQuant45):

@@ -70,7 +70,7 @@ def sums_q6_k(v, wp, qp, bp, q8_dtype):
 
 
 # acc += (d8 * d) * isum per block (isum: lanes_q6_k's sum), in float32 without fma
-row_q6_k = row_dot_scaled(lanes_q6_k, TYPE_SIZE, (208,), (1,), 16, pf=BLOCK_PF_BYTES)
+row_q6_k = row_dot_scaled(lanes_q6_k, TYPE_SIZE, 208, (1,), 16, pf=BLOCK_PF_BYTES)
 
 
 @njit(inline="always")

@@ -40,7 +40,7 @@ def q3_k_lanes_kernel(simd):
     def lanes(typingctx, w, r, o, qs, t, qo, out, k, ko):  # out[k, ko:ko+8] <- the i32 lanes of w[r, o:] and qs[t, qo:]
         def codegen(context, builder, sig, args):
             ptr = [row_ptr(context, builder, sig, args, i) for i in (0, 3, 6)]
-            ints, = lanes_q3_k(Vec(builder, simd), [ptr[0]], ptr[1], sig.args[3].dtype)
+            ints = lanes_q3_k(Vec(builder, simd), ptr[0], ptr[1], sig.args[3].dtype)
             builder.store(ints, builder.bitcast(ptr[2], ints.type.as_pointer()), align=4)
             return context.get_dummy_value()
         if c_matrix(w, qs, out) and out.dtype == types.int32:
