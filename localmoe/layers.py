@@ -262,10 +262,11 @@ def _dot_f16(a, b, acc, one_tok):  # a, b f32[n] holding fp16 values; acc f32[4,
 
 
 @njit(inline="always")
-def _probs_row(p, q, k, pos0, scale, th):
+def _probs_row(p, q, k, pos0, scale, one_tok, th):
     """Causal softmax(scale * K·q) of (token, head) th like ggml_soft_max_ext: max-shifted
     ggml_v_expf over 16-wide chunks, each chunk reduced in float32 then summed in float64;
-    masked (future) positions get 0."""
+    masked (future) positions get 0. one_tok: the whole batch is one token (a row tile of a
+    larger batch keeps the batch's summation order)."""
     n_tok, n_head, hd = q.shape
     g = n_head // k.shape[1]
     t, h = th // n_head, th % n_head
@@ -274,7 +275,7 @@ def _probs_row(p, q, k, pos0, scale, th):
     acc = np.empty((4, 16), np.float32)
     m = np.float32(-np.inf)
     for j in range(n):
-        row[j] = _dot_f16(q[t, h], k[j, h // g], acc, n_tok == 1) * scale
+        row[j] = _dot_f16(q[t, h], k[j, h // g], acc, one_tok) * scale
         m = max(m, row[j])
     total = 0.0
     lanes = acc[0]
@@ -294,7 +295,7 @@ def _probs_row(p, q, k, pos0, scale, th):
 
 
 @njit(inline="always")
-def _values_row(out, p, v, th):
+def _values_row(out, p, v, one_tok, th):
     """out = p · V summed over positions in _dot_f16's orders (llama.cpp pads n_kv to a multiple
     of 256: no leftovers; the positions past ours hold exact zeros)."""
     n_tok, n_head, n_kv = p.shape
@@ -302,7 +303,7 @@ def _values_row(out, p, v, th):
     t, h = th // n_head, th % n_head
     o = out[t, h]
     acc = np.zeros((o.size, 4, 16), np.float32)
-    quad = 3 if n_tok == 1 else 0  # ggml_vec_dot_f16's four accumulators, or sgemm's one
+    quad = 3 if one_tok else 0  # ggml_vec_dot_f16's four accumulators, or sgemm's one
     for j in range(n_kv):
         w = p[t, h, j]
         if w != 0:  # masked positions add exact zeros
@@ -317,30 +318,37 @@ def _values_row(out, p, v, th):
 # Parallel over (token, head), and the same loops on one thread for small work
 # (a decode step at short context), where the fork/join would cost more.
 @njit(cache=True, nogil=True, parallel=True)
-def attn_probs(p, q, k, pos0, scale):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k f32[n_kv, n_head_kv, hd]
+def attn_probs(p, q, k, pos0, scale, one_tok):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k f32[>= n_kv, n_head_kv, hd]
     for th in prange(q.shape[0] * q.shape[1]):
-        _probs_row(p, q, k, pos0, scale, th)
+        _probs_row(p, q, k, pos0, scale, one_tok, th)
 
 
 @njit(cache=True, nogil=True)
-def attn_probs_serial(p, q, k, pos0, scale):  # as attn_probs
+def attn_probs_serial(p, q, k, pos0, scale, one_tok):  # as attn_probs
     for th in range(q.shape[0] * q.shape[1]):
-        _probs_row(p, q, k, pos0, scale, th)
+        _probs_row(p, q, k, pos0, scale, one_tok, th)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attn_values(out, p, v):  # out f32[n_tok, n_head, hd_v], p f32[n_tok, n_head, n_kv], v f32[n_kv, n_head_kv, hd_v]
+def attn_values(out, p, v, one_tok):  # out f32[n_tok, n_head, hd_v], p f32[n_tok, n_head, n_kv], v f32[>= n_kv, n_head_kv, hd_v]
     for th in prange(p.shape[0] * p.shape[1]):
-        _values_row(out, p, v, th)
+        _values_row(out, p, v, one_tok, th)
 
 
 @njit(cache=True, nogil=True)
-def attn_values_serial(out, p, v):  # as attn_values
+def attn_values_serial(out, p, v, one_tok):  # as attn_values
     for th in range(p.shape[0] * p.shape[1]):
-        _values_row(out, p, v, th)
+        _values_row(out, p, v, one_tok, th)
 
 
 SERIAL_ATTN_MACS = 1 << 17  # below this many multiply-adds (n_tok * n_head * n_kv * hd) attention runs on one thread
+ATTN_TILE = 1 << 22  # attention probabilities held at once (elements): query rows go through in tiles of this
+
+
+def attn_tile_rows(n_head: int, n_ctx: int, n_ub: int) -> int:
+    """Query rows per attention tile: as many as keep [rows, n_head, n_ctx] within ATTN_TILE
+    (rows are independent, so tiling changes no arithmetic), at least one, at most the batch."""
+    return max(1, min(n_ub, ATTN_TILE // max(1, n_head * n_ctx)))
 
 
 @dataclass(frozen=True)
@@ -355,18 +363,20 @@ class RunBuffers:
     router: np.ndarray     # f32[n_ub, n_expert]: router logits
     k_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_k]: cached keys 0..n_kv widened for the kernels
     v_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_v]
-    probs: np.ndarray      # f32[n_ub * n_head * n_ctx]: attention probabilities [n_tok, n_head, n_kv]
-    probs_f16: np.ndarray  # f16[n_ub * n_head * n_ctx]: their fp16 rounding
+    probs: np.ndarray      # f32[n_rows * n_head * n_ctx]: attention probabilities [rows, n_head, n_kv] of one
+                           #   tile of query rows, n_rows = attn_tile_rows(n_head, n_ctx, n_ub)
+    probs_f16: np.ndarray  # f16[n_rows * n_head * n_ctx]: their fp16 rounding
     attn_out: np.ndarray   # f32[n_ub * n_head * hd_v]
 
     @staticmethod
     def shapes(args, n_ctx: int, n_ub: int) -> dict:
         """Field -> (shape, dtype) from the model's ModelArgs."""
         kv_k, kv_v = args.n_head_kv * args.head_dim_k, args.n_head_kv * args.head_dim_v
+        n_p = attn_tile_rows(args.n_head, n_ctx, n_ub) * args.n_head * n_ctx
         return {"q": ((n_ub, args.n_head * args.head_dim_k), F32), "k": ((n_ub, kv_k), F32),
                 "v": ((n_ub, kv_v), F32), "router": ((n_ub, args.n_expert), F32),
                 "k_f32": ((n_ctx * kv_k,), F32), "v_f32": ((n_ctx * kv_v,), F32),
-                "probs": ((n_ub * args.n_head * n_ctx,), F32), "probs_f16": ((n_ub * args.n_head * n_ctx,), np.float16),
+                "probs": ((n_p,), F32), "probs_f16": ((n_p,), np.float16),
                 "attn_out": ((n_ub * args.n_head * args.head_dim_v,), F32)}
 
     @classmethod
@@ -394,17 +404,22 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     """
     n_tok, n_head, _ = q.shape
     n_kv = pos0 + n_tok
-    serial = n_tok * n_head * n_kv * q.shape[2] < SERIAL_ATTN_MACS
-    kf, vf, pf, p16, of = (None,) * 5 if buf is None else (buf.k_f32, buf.v_f32, buf.probs, buf.probs_f16, buf.attn_out)
+    kf, vf, pf, p16f, of = (None,) * 5 if buf is None else (buf.k_f32, buf.v_f32, buf.probs, buf.probs_f16, buf.attn_out)
     k = _view(kf, (n_kv,) + k_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_k]
     np.copyto(k, k_cache[:n_kv])
     v = _view(vf, (n_kv,) + v_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_v]
     np.copyto(v, v_cache[:n_kv])
-    p = _view(pf, (n_tok, n_head, n_kv))                     # f32[n_tok, n_head, n_kv]
-    (attn_probs_serial if serial else attn_probs)(p, round_f16(q), k, pos0, F32(scale))
-    p16 = _view(p16, p.shape, np.float16)
-    np.copyto(p16, p)
-    np.copyto(p, p16)                                        # p rounded to fp16, in place
+    q16 = round_f16(q)
     out = _view(of, (n_tok, n_head, v_cache.shape[2]))       # f32[n_tok, n_head, hd_v]
-    (attn_values_serial if serial else attn_values)(out, p, v)
+    rows = attn_tile_rows(n_head, k_cache.shape[0], n_tok)   # the tile RunBuffers was sized for
+    for t0 in range(0, n_tok, rows):
+        t1 = min(n_tok, t0 + rows)
+        nk = pos0 + t1                                       # the tile's last row sees positions 0..nk-1
+        serial = (t1 - t0) * n_head * nk * q.shape[2] < SERIAL_ATTN_MACS
+        p = _view(pf, (t1 - t0, n_head, nk))                 # f32[rows, n_head, nk]
+        (attn_probs_serial if serial else attn_probs)(p, q16[t0:t1], k, pos0 + t0, F32(scale), n_tok == 1)
+        p16 = _view(p16f, p.shape, np.float16)
+        np.copyto(p16, p)
+        np.copyto(p, p16)                                    # p rounded to fp16, in place
+        (attn_values_serial if serial else attn_values)(out[t0:t1], p, v, n_tok == 1)
     return out.reshape(n_tok, -1)

@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent("""
                                np.array([1, 0]), np.array([0, 1]))
     q, k, v = (np.ones(s, np.float32) for s in ((2, 4, 64), (5, 2, 64), (5, 2, 64)))
     p = np.empty((2, 4, 5), np.float32)
-    layers.attn_probs(p, q, k, 3, 0.125)
-    layers.attn_values(np.empty((2, 4, 64), np.float32), p, v)
+    layers.attn_probs(p, q, k, 3, 0.125, False)
+    layers.attn_values(np.empty((2, 4, 64), np.float32), p, v, False)
 
     found = {}
     for d in gc.get_objects():
