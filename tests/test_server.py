@@ -11,6 +11,9 @@ import functools
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -378,6 +381,9 @@ def test_expert_counts(server):
 
 def test_sigterm_during_stream_exits_0(tmp_path):
     s = Server(log=tmp_path / "server.log").wait_ready()
+    # /health said 503 while the model loaded (the socket listens before the load starts)
+    assert s.health_seen[0][0] == 503 and s.health_seen[0][1]["status"] == "loading", s.health_seen
+    assert s.health_seen[-1] == (200, {"status": "ok"})
     lines = []
     with httpx.stream("POST", s.url + "/v1/completions", json={**SLOW, "stream": True}, timeout=TIMEOUT) as r:
         for line in r.iter_lines():
@@ -389,3 +395,24 @@ def test_sigterm_during_stream_exits_0(tmp_path):
     assert s.proc.wait(30) == 0, s.log()
     assert port_free(s.port)
     s.stop()
+
+
+def _serve_cli(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "import sys; from localmoe.cli import main; sys.argv[0] = 'localmoe'; main()",
+           "serve", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = _serve_cli("--port", str(busy.getsockname()[1]))
+    assert r.returncode == 1 and "error: cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
+    # an address of no interface here (TEST-NET-1): the warning about a non-loopback address
+    # without a key, then a clean error; nothing is bound
+    r = _serve_cli("--host", "192.0.2.1", "--port", "8080")
+    assert "warning: listening on 192.0.2.1 without --api-key" in r.stderr
+    assert r.returncode == 1 and "error: cannot listen on 192.0.2.1:8080" in r.stderr
+    r = _serve_cli("--max-body", "lots")
+    assert r.returncode == 1 and "error: cannot read memory size 'lots'" in r.stderr
