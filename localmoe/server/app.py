@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import ollama_api, openai_api
-from .common import ClientGone, error_response, is_ollama, read_json
+from .common import ClientGone, error_response, read_json
 from .engine import ApiError, Engine
 
 STATIC = Path(__file__).parent / "static"
@@ -155,5 +155,3 @@ def create_app(engine: Engine, sampling: dict, api_key: str | None = None, max_b
     app.state.engine, app.state.sampling, app.state.max_body = engine, dict(sampling), max_body
     return app
 
-
-__all__ = ["create_app", "is_ollama"]
