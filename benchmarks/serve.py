@@ -114,7 +114,11 @@ def measure(url: str, args, chat_modes: dict[str, dict]) -> dict:
         msgs, turns = [], []
         for text in USER_TURNS[:args.turns]:
             msgs.append({"role": "user", "content": text})
-            t, reply = stream_chat(client, msgs, args.chat_tokens, extra)
+            try:
+                t, reply = stream_chat(client, msgs, args.chat_tokens, extra)
+            except openai.APIError as e:  # e.g. the context is full: the rest of the turns are blank
+                print(f"{mode}: turn {len(turns) + 1} failed: {e}", file=sys.stderr)
+                break
             msgs.append({"role": "assistant", "content": reply})
             turns.append(t * 1e3)
         out[f"chat TTFT ms per turn ({mode})"] = turns
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(SHIPPED))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--ctx", type=int, default=512, help="context of both servers (room for the 10-turn chat)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per completion")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--chat-tokens", type=int, default=8, help="reply tokens per chat turn")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
     for side, res in results.items():
         for k, v in res.items():
             if k.startswith("chat"):
-                rows.append([f"{side} {k[len('chat TTFT ms per turn '):]}", *v])
+                rows.append([f"{side} {k[len('chat TTFT ms per turn '):]}", *v, *[""] * (args.turns - len(v))])
     print_table(["chat TTFT ms", *(f"turn {i + 1}" for i in range(args.turns))], rows)
     return 0
 
