@@ -213,8 +213,7 @@ class Engine:
             self._load(self.initial)
         except BaseException as e:  # noqa: BLE001 - reported, and the server exits
             self.state, self.error, self.fatal = "error", _describe(e), e
-            log.error("cannot load %s: %s", self.initial, self.error)
-            self.on_fatal()
+            self.on_fatal()  # the server stops; `localmoe serve` prints the error
         while True:
             job = self._q.get()
             if job is None:
