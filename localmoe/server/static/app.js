@@ -6,8 +6,10 @@
   const STORE = "localmoe.chats", CURRENT = "localmoe.current", SETTINGS = "localmoe.settings";
   const PARAMS = ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "seed"];
   const INTS = new Set(["top_k", "max_tokens", "seed"]);
+  const FIELDS = [...PARAMS, "system-prompt", "api-key"];  // kept in localStorage
   const POLL_MS = 300;
   const $ = (id) => document.getElementById(id);
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
   // ---------- storage
   function load(key, fallback) {
@@ -63,7 +65,7 @@
   }
   function updateMessage(el, msg) {
     const content = el.querySelector(".content");
-    if (msg.role === "assistant") content.innerHTML = renderMarkdown(msg.content);
+    if (msg.role === "assistant") content.innerHTML = renderMarkdown(msg.content.trimStart());
     else content.textContent = msg.content;
     const reasoning = el.querySelector(".reasoning");
     reasoning.hidden = !msg.reasoning;
@@ -126,11 +128,11 @@
   // ---------- settings
   function loadSettings() {
     const s = load(SETTINGS, {});
-    for (const k of [...PARAMS, "system-prompt"]) if (s[k] != null) $(k).value = s[k];
+    for (const k of FIELDS) if (s[k] != null) $(k).value = s[k];
   }
   function saveSettings() {
     const s = {};
-    for (const k of [...PARAMS, "system-prompt"]) s[k] = $(k).value;
+    for (const k of FIELDS) s[k] = $(k).value;
     localStorage.setItem(SETTINGS, JSON.stringify(s));
   }
   function samplingParams() {
@@ -143,8 +145,12 @@
   }
 
   // ---------- talking to the server
+  function headers(extra = {}) {
+    const key = $("api-key").value.trim();
+    return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+  }
   async function getJSON(url) {
-    const res = await fetch(url);
+    const res = await fetch(url, { headers: headers() });
     if (!res.ok) throw new Error(await errorMessage(res));
     return res.json();
   }
@@ -197,11 +203,15 @@
     let requestId = null;
     controller = new AbortController();
     setBusy(true);
-    const poll = setInterval(() => pollExperts(chat, requestId), POLL_MS);
-    let frame = 0;
+    const polling = (async () => {  // one poll at a time, POLL_MS apart: a slow server gets no pile-up
+      while (reply.streaming) {
+        await pollExperts(chat, reply, requestId);
+        await sleep(POLL_MS);
+      }
+    })();
     try {
       const res = await fetch("/v1/chat/completions", {
-        method: "POST", headers: { "Content-Type": "application/json" },
+        method: "POST", headers: headers({ "Content-Type": "application/json" }),
         body: JSON.stringify(body), signal: controller.signal,
       });
       if (!res.ok) throw new Error(await errorMessage(res));
@@ -215,17 +225,18 @@
           if (choice.finish_reason) reply.finish = choice.finish_reason;
         }
         if (chunk.timings) reply.timings = chunk.timings;
-        if (!frame) frame = requestAnimationFrame(() => { frame = 0; updateMessage(el, reply); scrollDown(); });
+        updateMessage(el, reply);
+        scrollDown();
       }
     } catch (e) {
       if (e.name === "AbortError") reply.stopped = true;
       else reply.error = e.message;
     } finally {
-      clearInterval(poll);
-      cancelAnimationFrame(frame);
       delete reply.streaming;
       updateMessage(el, reply);
       save();
+      $("stop").disabled = true;
+      await polling;
       await settleExperts(chat, requestId);
       controller = null;
       setBusy(false);
@@ -254,9 +265,9 @@
     return experts;
   }
   // While a reply streams: the chat's stored totals plus this request's counts so far.
-  async function pollExperts(chat, requestId) {
+  async function pollExperts(chat, reply, requestId) {
     const ex = await fetchExperts();
-    if (ex && requestId && ex.request.id === requestId && chat.id === currentId) {
+    if (ex && reply.streaming && requestId && ex.request.id === requestId && chat.id === currentId) {
       drawHeatmap(addCounts(chat.experts, ex.request));
     }
   }
@@ -272,7 +283,7 @@
         if (chat.id === currentId) drawHeatmap(chat.experts);
         return;
       }
-      await new Promise((r) => setTimeout(r, 100));
+      await sleep(100);
     }
   }
   function addCounts(stored, request) {
@@ -383,7 +394,7 @@
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("new-chat").addEventListener("click", () => { currentId = null; save(); renderChat(); $("input").focus(); });
-  for (const k of [...PARAMS, "system-prompt"]) $(k).addEventListener("change", saveSettings);
+  for (const k of FIELDS) $(k).addEventListener("change", saveSettings);
 
   window.localmoe = { renderMarkdown, escapeHtml };  // the browser test renders through these
   loadSettings();
