@@ -16,6 +16,7 @@ COMMANDS = {
     "perplexity": ("perplexity", "perplexity_cmd", "Perplexity on a text file, computed as llama.cpp does."),
     "plan": ("plan", "plan_cmd", "Plan memory for running a model under a RAM budget (--ram-budget)."),
     "run": ("run", "run_cmd", "Generate text from a model, streaming tokens to stdout."),
+    "serve": ("serve", "serve_cmd", "Serve a model over HTTP: OpenAI and Ollama APIs and a chat page."),
 }
 
 

@@ -59,6 +59,26 @@ def _common_prefix(a, b) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def reuse_prefix(model, cached: list[int], tokens) -> int:
+    """Keep the longest prefix of the KV cache that `tokens` starts with (at least the last
+    token is left to evaluate: it gives the logits); `cached` (the ids in the cache) is cut to
+    match. Returns the number of tokens kept."""
+    keep = max(0, min(_common_prefix(cached, tokens), len(tokens) - 1))
+    del cached[keep:]
+    model.cache.truncate(keep)
+    return keep
+
+
+def reply_stops(template: ChatTemplate, tokenizer) -> list[str]:
+    """Where a reply ends besides an end-of-generation token: a turn suffix in plain text
+    (a model trained without end-of-turn tokens writes it), or the fallback's next turn."""
+    if template.is_fallback:
+        return [FALLBACK_STOP]
+    end = template.turn_end()
+    specials = tokenizer.special_token_texts(True)
+    return [end] if end and not any(t in end for t in specials) else []
+
+
 def prompt_tokens(tokenizer, template: ChatTemplate, messages, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the rendered conversation; only the template's own text makes control tokens."""
     # texts that become tokens only with special parsing on (longest first); user-defined
@@ -237,9 +257,7 @@ class ChatSession:
     def _generate(self, reply: Reply, tokens: list[int]):
         m, tok = self.model, self.tokenizer
         from localmoe.tokenizer import Detokenizer
-        keep = min(_common_prefix(self._cached, tokens), len(tokens) - 1)  # the last one gives the logits
-        self._truncate(keep)
-        reply.n_reused = keep
+        reply.n_reused = reuse_prefix(m, self._cached, tokens)
         detok = Detokenizer(tok)
         stops = StopStrings(self._stops)
         counts0 = m.store.counts.copy()
@@ -287,14 +305,8 @@ class ChatSession:
 
     @functools.cached_property
     def _stops(self) -> list[str]:
-        """Where a reply ends besides an end-of-generation token: a turn suffix in plain text
-        (a model trained without end-of-turn tokens writes it), or the fallback's next turn.
-        Rendered once: the template and tokenizer are fixed for the session."""
-        if self.template.is_fallback:
-            return [FALLBACK_STOP]
-        end = self.template.turn_end()
-        specials = self.tokenizer.special_token_texts(True)
-        return [end] if end and not any(t in end for t in specials) else []
+        """reply_stops, rendered once: the template and tokenizer are fixed for the session."""
+        return reply_stops(self.template, self.tokenizer)
 
     def _forward(self, new: list[int]) -> np.ndarray:
         """Evaluate new tokens after the cache; the last one's logits f32[n_vocab]."""

@@ -1,0 +1,391 @@
+"""`localmoe serve` end to end: the real server in a subprocess, driven by the real openai and
+ollama clients and by raw HTTP (httpx) for the hostile cases.
+
+Two servers are started once per session: `server` with the default options, and `guarded`
+with --api-key, --cors-origin, --max-queue 1, a small --max-body and a --models-dir that
+holds the shipped model and a copy whose chat template refuses every conversation.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from serve_util import SHIPPED, Server, port_free
+
+KEY = "test-key-123"
+TIMEOUT = 60  # seconds; generous: the machine may be shared
+post = functools.partial(httpx.post, timeout=TIMEOUT)
+get = functools.partial(httpx.get, timeout=TIMEOUT)
+options = functools.partial(httpx.options, timeout=TIMEOUT)
+ALLOWED = "http://allowed.example"
+GREEDY = {"temperature": 0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    s = Server(log=tmp_path_factory.mktemp("serve") / "server.log").wait_ready()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+def _refusing_copy(dst):
+    """The shipped model with a chat template that always refuses (same length: offsets unchanged)."""
+    data = SHIPPED.read_bytes()
+    from localmoe.gguf_file import open_gguf
+    with open_gguf(SHIPPED) as f:
+        old = f.metadata["tokenizer.chat_template"].encode()
+    new = b"{{ raise_exception('test template says no') }}"
+    assert data.count(old) == 1 and len(new) <= len(old)
+    dst.write_bytes(data.replace(old, new + b" " * (len(old) - len(new))))
+
+
+@pytest.fixture(scope="session")
+def guarded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    os.symlink(SHIPPED, d / SHIPPED.name)
+    _refusing_copy(d / "refuses.gguf")
+    s = Server("--api-key", KEY, "--cors-origin", ALLOWED, "--max-queue", "1", "--max-body", "64K",
+               "--models-dir", str(d), log=d / "server.log").wait_ready()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+def oai(s: Server, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def chat_msgs(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# --- openai client -------------------------------------------------------------
+
+def test_openai_chat_stream_and_not(server):
+    c = oai(server)
+    r = c.chat.completions.create(model="any", messages=chat_msgs("Who art thou?"), **GREEDY)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 1
+    chunks = list(c.chat.completions.create(model="any", messages=chat_msgs("Who art thou?"), stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    body = [ch for ch in chunks if ch.choices]
+    assert body[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert all(ch.choices[0].finish_reason is None for ch in body[:-1])
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    text = "".join(ch.choices[0].delta.content or "" for ch in body)
+    assert text == r.choices[0].message.content  # greedy: the same reply, streamed or not
+
+
+def test_openai_completions_stream_and_not(server):
+    c = oai(server)
+    r = c.completions.create(model="any", prompt="ROMEO:", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    parts = list(c.completions.create(model="any", prompt="ROMEO:", max_tokens=6, temperature=0, stream=True,
+                                      stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+    assert parts[-1].usage.completion_tokens == 6
+
+
+def test_openai_errors_map_to_bad_request(server):
+    c = oai(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="any", messages=chat_msgs("hi"), n=2)
+    assert "'n'" in e.value.message and e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="any", messages=chat_msgs("hi"),
+                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert "tools" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="any", messages=chat_msgs("hi"),
+                                  response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
+    assert "response_format" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="any", messages=chat_msgs("hi"), logprobs=True)
+    assert "logprobs" in e.value.message
+    long = "thou art a villain " * 200
+    n_prompt = len(post(server.url + "/tokenize", json={"content": long}).json()["tokens"])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="any", messages=chat_msgs(long), stream=True)
+    assert e.value.code == "context_length_exceeded"
+    msg = e.value.message
+    assert "256" in msg and any(str(n) in msg for n in range(n_prompt, n_prompt + 20))
+
+
+# --- ollama client -----------------------------------------------------------
+
+def test_ollama_chat_and_generate(server):
+    c = ollama.Client(host=server.url)
+    opts = {"temperature": 0, "num_predict": 4}
+    r = c.chat(model="shakespeare", messages=chat_msgs("Who art thou?"), options=opts)
+    assert r.done and r.message.role == "assistant" and r.message.content
+    assert r.eval_count >= 1 and r.eval_duration > 0 and r.prompt_eval_count >= 1 and r.total_duration > 0
+    parts = list(c.chat(model="shakespeare", messages=chat_msgs("Who art thou?"), options=opts, stream=True))
+    assert parts[-1].done and parts[-1].eval_count == r.eval_count
+    assert "".join(p.message.content for p in parts) == r.message.content
+    g = c.generate(model="shakespeare", prompt="ROMEO:", raw=True, options=opts)
+    assert g.done and g.response and g.eval_count == 4 and g.done_reason == "length"
+    gs = list(c.generate(model="shakespeare", prompt="ROMEO:", raw=True, options=opts, stream=True))
+    assert "".join(p.response for p in gs) == g.response and gs[-1].done
+    assert c.generate(model="shakespeare", prompt="Speak.", options=opts).response
+    with pytest.raises(ollama.ResponseError) as e:
+        c.chat(model="shakespeare", messages=chat_msgs("hi"), options={"mirostat": 2})
+    assert e.value.status_code == 400 and "mirostat" in e.value.error
+
+
+def test_ollama_listings(server):
+    c = ollama.Client(host=server.url)
+    names = [m.model for m in c.list().models]
+    assert names == ["shakespeare-moe-Q8_0"]
+    ps = c.ps().models
+    assert ps[0].model == "shakespeare-moe-Q8_0" and ps[0].details.quantization_level == "Q8_0"
+    show = c.show("shakespeare-moe-Q8_0")
+    assert show.modelinfo["general.architecture"] == "qwen3moe" and "SHAKESPEARE" in show.template
+    assert get(server.url + "/api/version").json()["version"]
+
+
+# --- other llama-server routes ---------------------------------------------------
+
+def test_health_props_models_tokenize(server):
+    assert get(server.url + "/health").json() == {"status": "ok"}
+    p = get(server.url + "/props").json()
+    assert (p["arch"], p["quant"], p["n_expert"], p["n_expert_used"], p["n_ctx"]) == ("qwen3moe", "Q8_0", 8, 2, 256)
+    assert p["model"] == SHIPPED.name and p["has_chat_template"] and p["n_params"] > 1e6
+    assert [m.id for m in oai(server).models.list()] == ["shakespeare-moe-Q8_0"]
+    toks = post(server.url + "/tokenize", json={"content": "Good morrow", "with_pieces": True}).json()["tokens"]
+    assert "".join(t["piece"] for t in toks) == "Good morrow"
+    back = post(server.url + "/detokenize", json={"tokens": [t["id"] for t in toks]}).json()
+    assert back == {"content": "Good morrow"}
+    assert get(server.url + "/").status_code == 200
+
+
+# --- hostile requests (point 6) -------------------------------------------------
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"messages": chat_msgs("hi"), "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"messages": chat_msgs("hi"), "max_tokens": 1.5}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "unknown role"),
+    (json.dumps({"messages": [{"role": "tool", "content": "hi"}]}).encode(), 400, "unknown role"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "content"),
+    (json.dumps({"messages": chat_msgs("hi"), "frobnicate": 1}).encode(), 400, "frobnicate"),
+    (json.dumps({"messages": chat_msgs("hi"), "top_p": 7}).encode(), 400, "top_p"),
+])
+def test_bad_requests_get_400(server, body, status, needle):
+    r = post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_ollama_bad_request_shape(server):
+    r = post(server.url + "/api/chat", content=b"{oops")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+def test_body_limit_413(guarded):
+    h = {"Authorization": f"Bearer {KEY}"}
+    big = json.dumps({"messages": chat_msgs("a" * 70_000)}).encode()
+    r = post(guarded.url + "/v1/chat/completions", content=big, headers=h)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit must hold while the body is read
+        for _ in range(1000):
+            yield b" " * 1024
+    r = post(guarded.url + "/v1/chat/completions", content=chunked(), headers=h)
+    assert r.status_code == 413
+    assert get(guarded.url + "/health").status_code == 200
+
+
+def test_api_key_401(guarded):
+    url = guarded.url + "/v1/models"
+    assert get(url).status_code == 401
+    r = get(url, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert post(guarded.url + "/api/chat", json={}).status_code == 401
+    assert get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert get(guarded.url + "/health").status_code == 200  # public, as llama-server's
+    with pytest.raises(openai.AuthenticationError):
+        oai(guarded, api_key="wrong").models.list()
+
+
+def test_template_error_400_and_model_swap(guarded):
+    c = oai(guarded, api_key=KEY)
+    assert sorted(m.id for m in c.models.list()) == ["refuses", "shakespeare-moe-Q8_0"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="refuses", messages=chat_msgs("hi"), max_tokens=2)
+    assert "test template says no" in e.value.message and e.value.code == "chat_template_error"
+    ps = get(guarded.url + "/api/ps", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["name"] for m in ps["models"]] == ["refuses"]  # it was loaded in place of the other
+    r = c.chat.completions.create(model="shakespeare-moe-Q8_0", messages=chat_msgs("hi"), **GREEDY)
+    assert r.choices[0].message.content is not None and r.model == "shakespeare-moe-Q8_0"
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=chat_msgs("hi"), max_tokens=2)
+
+
+def test_cors_off_by_default(server):
+    pre = options(server.url + "/v1/chat/completions",
+                        headers={"Origin": ALLOWED, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+    r = get(server.url + "/v1/models", headers={"Origin": ALLOWED})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_origin_allows_named(guarded):
+    def pre(origin):
+        return options(guarded.url + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+    ok = pre(ALLOWED)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ALLOWED
+    assert pre("http://evil.example").headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+# --- one model, many clients ------------------------------------------------------
+
+SLOW = {"prompt": "ROMEO:", "max_tokens": 200, "temperature": 1.0, "seed": 1}  # runs all 200 tokens
+
+
+def test_disconnect_mid_stream_then_next_request(server):
+    with httpx.Client(timeout=TIMEOUT) as h:
+        with h.stream("POST", server.url + "/v1/completions", json={**SLOW, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(l for l in lines if l.startswith("data: "))
+            next(l for l in lines if l.startswith("data: "))
+    t0 = time.monotonic()
+    r = oai(server).chat.completions.create(model="any", messages=chat_msgs("Hail!"), max_tokens=3, temperature=0)
+    assert r.choices[0].message is not None
+    # not behind the abandoned request's 200 tokens (~16 s here): 3 tokens take well under 1 s
+    # alone; the bound leaves room for a loaded machine
+    assert time.monotonic() - t0 < 8
+
+
+def test_disconnect_stops_within_a_token(server):
+    got = 0
+    with httpx.Client(timeout=TIMEOUT) as h:
+        with h.stream("POST", server.url + "/v1/completions", json={**SLOW, "seed": 2, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got += 1
+                    if got == 3:
+                        rid = json.loads(line[6:])["id"]
+                        break
+    deadline = time.monotonic() + 10
+    while True:
+        ex = get(server.url + "/v1/experts").json()["request"]
+        if ex["id"] == rid and not ex["active"]:
+            break
+        assert time.monotonic() < deadline, ex
+        time.sleep(0.05)
+    n_prompt = len(post(server.url + "/tokenize", json={"content": "ROMEO:", "add_special": True}).json()["tokens"])
+    # evaluated: the prompt, the 3 tokens read, and what was in flight when the connection
+    # closed (the tolerance: 3 tokens, ~0.25 s of decode here)
+    assert ex["n_tokens"] <= n_prompt + 3 + 3, ex["n_tokens"]
+
+
+def test_concurrent_clients_fifo_and_identical(server):
+    prompts = [f"Speak, {who}!" for who in ("Romeo", "Juliet", "Hamlet", "Lear", "Puck", "Portia", "Iago", "Viola")]
+    c = oai(server, timeout=120)
+
+    def ask(p):
+        return c.chat.completions.create(model="any", messages=chat_msgs(p), temperature=0, max_tokens=4,
+                                         seed=0).choices[0].message.content
+    alone = [ask(p) for p in prompts]
+    results, finished, lock = [None] * 8, [], threading.Lock()
+
+    def client(i):
+        results[i] = ask(prompts[i])
+        with lock:
+            finished.append(i)
+    threads = []
+    for i in range(8):  # staggered so that the arrival order is known
+        t = threading.Thread(target=client, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.15)
+    for t in threads:
+        t.join(120)
+    assert results == alone
+    assert finished == list(range(8))
+
+
+def test_queue_full_503(guarded):
+    h = {"Authorization": f"Bearer {KEY}"}
+    slow = {**SLOW, "model": "shakespeare-moe-Q8_0"}
+    with httpx.Client(timeout=TIMEOUT, headers=h) as cl:
+        with cl.stream("POST", guarded.url + "/v1/completions", json={**slow, "stream": True}) as r1:
+            next(l for l in r1.iter_lines() if l.startswith("data: "))  # running now
+            waiting = threading.Thread(target=lambda: post(guarded.url + "/v1/completions",
+                                                           json={**slow, "max_tokens": 2}, headers=h))
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while get(guarded.url + "/props", headers=h).json()["n_waiting"] < 1:  # it queues behind the first
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            r3 = post(guarded.url + "/v1/completions", json={**slow, "max_tokens": 2}, headers=h)
+            assert r3.status_code == 503 and r3.headers["retry-after"].isdigit()
+            assert r3.json()["error"]["code"] == "queue_full"
+    waiting.join(60)
+
+
+def test_prompt_cache_second_turn_evaluates_only_new_tokens(server):
+    c = oai(server)
+    m1 = chat_msgs("What say you of love?")
+    r1 = c.chat.completions.create(model="any", messages=m1, temperature=0, max_tokens=8)
+    m2 = m1 + [{"role": "assistant", "content": r1.choices[0].message.content}] + chat_msgs("And of death?")
+    raw = post(server.url + "/v1/chat/completions",
+                     json={"messages": m2, "temperature": 0, "max_tokens": 4}).json()
+    u, t = raw["usage"], raw["timings"]
+    cached = u["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= r1.usage.prompt_tokens  # the whole first turn came from the cache
+    assert t["prompt_n"] == u["prompt_tokens"] - cached  # and only the rest was evaluated
+    # with the cache off, the same request evaluates everything
+    raw = post(server.url + "/v1/chat/completions",
+                     json={"messages": m2, "temperature": 0, "max_tokens": 4, "cache_prompt": False}).json()
+    assert raw["timings"]["prompt_n"] == raw["usage"]["prompt_tokens"]
+
+
+def test_expert_counts(server):
+    r = post(server.url + "/v1/chat/completions",
+                   json={"messages": chat_msgs("Good morrow!"), "temperature": 0, "max_tokens": 5,
+                         "cache_prompt": False}).json()
+    ex = get(server.url + "/v1/experts").json()
+    req = ex["request"]
+    assert req["id"] == r["id"] and not req["active"]
+    # every token evaluated: the whole prompt and each generated token but the last
+    assert req["n_tokens"] == r["timings"]["prompt_n"] + r["usage"]["completion_tokens"] - 1
+    k = ex["n_expert_used"]
+    assert ex["moe_layers"] == list(range(ex["n_layer"]))
+    for il in range(ex["n_layer"]):
+        assert sum(req["counts"][il]) == req["n_tokens"] * k
+        assert len(req["counts"][il]) == ex["n_expert"]
+    assert sum(map(sum, ex["total"]["counts"])) == ex["total"]["n_tokens"] * k * len(ex["moe_layers"])
+
+
+# --- shutdown ---------------------------------------------------------------------
+
+def test_sigterm_during_stream_exits_0(tmp_path):
+    s = Server(log=tmp_path / "server.log").wait_ready()
+    lines = []
+    with httpx.stream("POST", s.url + "/v1/completions", json={**SLOW, "stream": True}, timeout=TIMEOUT) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if sum(l.startswith("data: ") for l in lines) == 3:
+                s.proc.send_signal(signal.SIGTERM)
+    data = [l for l in lines if l]
+    assert data[-1] == "data: [DONE]" and '"finish_reason": "stop"' in data[-2]  # the stream ended properly
+    assert s.proc.wait(30) == 0, s.log()
+    assert port_free(s.port)
+    s.stop()
