@@ -1,6 +1,7 @@
 """The chat page at `/` in a real headless Chromium (Debian's chromium + chromium-driver, driven by
 Selenium), against a real `localmoe serve` of the shipped model. Nothing is stubbed: the replies, the
 timings and the expert counts come from the model."""
+import contextlib
 import json
 import os
 import re
@@ -64,15 +65,16 @@ def stored_messages(driver):
         "return JSON.parse(localStorage.getItem('localmoe.chats')).find(c => c.id === id).messages;")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(log_dir: Path, *options):
+    """A real `localmoe serve` of the shipped model on a free local port; yields its URL."""
     exe = shutil.which("localmoe")
     assert exe, "the localmoe command is not installed (pip install -e .)"
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_path = log_dir / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([exe, "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
-                                 "--threads", "2"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--threads", "2", *options], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -95,6 +97,12 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("serve")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -295,3 +303,17 @@ def test_markup_in_messages_shows_as_text_and_runs_nothing(server, browser, tmp_
     html = d.execute_script("return window.localmoe.renderMarkdown(arguments[0]);", XSS)
     assert "<img" not in html and "&lt;img" in html
     d.save_screenshot(str(tmp_path / "xss.png"))
+
+
+def test_api_key_entered_in_settings(browser, tmp_path):
+    d = browser
+    with serving(tmp_path, "--api-key", "sesame") as url:
+        d.get(url + "/")  # the page itself needs no key; the API does
+        wait(d, lambda d: "API key" in d.find_element(By.ID, "model-status").text, what="the 401 shown")
+        set_field(d, "api-key", "sesame")  # the page's next try of /props sends it
+        wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-prop="architecture"]'), what="model info")
+        set_field(d, "max_tokens", 2)
+        send(d, "Hail!")
+        wait_idle(d)
+        assert last_reply(d).find_element(By.CSS_SELECTOR, ".content").text
+        assert any(heatmap(d).values())

@@ -394,7 +394,7 @@
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("new-chat").addEventListener("click", () => { currentId = null; save(); renderChat(); $("input").focus(); });
-  for (const k of FIELDS) $(k).addEventListener("change", saveSettings);
+  for (const k of FIELDS) $(k).addEventListener("input", saveSettings);
 
   window.localmoe = { renderMarkdown, escapeHtml };  // the browser test renders through these
   loadSettings();
