@@ -273,8 +273,10 @@ def test_markup_in_messages_shows_as_text_and_runs_nothing(server, browser, tmp_
     # the hook sees an alert when the payload does reach the DOM as HTML (src=x fails to load)
     d.execute_script(f"document.body.insertAdjacentHTML('beforeend', {json.dumps(XSS)});")
     wait(d, lambda d: d.execute_script("return window.__alerts.length;") == 1, 10, "the control alert")
+    d.execute_script("localStorage.setItem('localmoe.chats', '{\"not\": \"a list\"}');")
     d.refresh()
-    open_page(d, server)
+    open_page(d, server)  # stored junk is dropped, the page still starts
+    assert not d.find_elements(By.CSS_SELECTOR, "#chat-list li")
 
     # the user's own message, sent to the real server
     set_field(d, "max_tokens", 4)

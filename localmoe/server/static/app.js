@@ -23,14 +23,21 @@
   }
   // chat: {id, title, created, messages: [{role, content, reasoning, timings, finish, stopped, error}],
   //        experts: {counts: [[int]], n_tokens}}
-  let chats = load(STORE, []).filter((c) => c && Array.isArray(c.messages));
-  for (const m of chats.flatMap((c) => c.messages)) {  // a reply cut off by a reload
-    if (m.streaming) { delete m.streaming; m.stopped = true; }
-  }
+  let chats = sanitize(load(STORE, []));
   let currentId = load(CURRENT, null);
   let experts = null;      // the last GET /v1/experts (shape and moe_layers)
   let controller = null;   // AbortController of the reply being streamed
 
+  // Stored chats come from an older page or a hand edit: keep what can be shown.
+  function sanitize(list) {
+    const chats = Array.isArray(list) ? list.filter((c) => c && Array.isArray(c.messages)) : [];
+    for (const c of chats) {
+      c.messages = c.messages.filter((m) => m && typeof m.content === "string");
+      for (const m of c.messages) if (m.streaming) { delete m.streaming; m.stopped = true; }  // cut by a reload
+      if (!(c.experts && Array.isArray(c.experts.counts) && Array.isArray(c.experts.counts[0]))) c.experts = null;
+    }
+    return chats;
+  }
   const currentChat = () => chats.find((c) => c.id === currentId) || null;
 
   // ---------- rendering model text: everything is HTML-escaped first, so the
