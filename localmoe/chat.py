@@ -257,7 +257,7 @@ class ChatSession:
     def _generate(self, reply: Reply, tokens: list[int]):
         m, tok = self.model, self.tokenizer
         from localmoe.tokenizer import Detokenizer
-        reply.n_reused = reuse_prefix(m, self._cached, tokens)
+        reply.n_reused = keep = reuse_prefix(m, self._cached, tokens)
         detok = Detokenizer(tok)
         stops = StopStrings(self._stops)
         counts0 = m.store.counts.copy()

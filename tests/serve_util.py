@@ -48,11 +48,14 @@ class Server:
 
     def wait_ready(self, headers: dict | None = None) -> "Server":
         deadline = time.monotonic() + START_TIMEOUT_S
+        self.health_seen = []  # /health bodies while starting
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                self.health_seen.append((r.status_code, r.json()))
+                if r.status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

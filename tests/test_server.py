@@ -11,6 +11,9 @@ import functools
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -37,22 +40,30 @@ def server(tmp_path_factory):
     assert s.stop() == 0, s.log()
 
 
-def _refusing_copy(dst):
-    """The shipped model with a chat template that always refuses (same length: offsets unchanged)."""
+def _with_template(dst, template: str):
+    """A copy of the shipped model with another chat template, padded to the old one's length
+    by a jinja comment (so that every offset in the file stays the same)."""
     data = SHIPPED.read_bytes()
     from localmoe.gguf_file import open_gguf
     with open_gguf(SHIPPED) as f:
         old = f.metadata["tokenizer.chat_template"].encode()
-    new = b"{{ raise_exception('test template says no') }}"
-    assert data.count(old) == 1 and len(new) <= len(old)
-    dst.write_bytes(data.replace(old, new + b" " * (len(old) - len(new))))
+    new = template.encode()
+    assert data.count(old) == 1 and len(new) + 4 <= len(old)
+    dst.write_bytes(data.replace(old, new + b"{#" + b" " * (len(old) - len(new) - 4) + b"#}"))
+
+
+REFUSES = "{{ raise_exception('test template says no') }}"
+# opens the reply with <think>, as Qwen3's and DeepSeek-R1's templates can
+THINKS = ("{% for m in messages %}{{ m['content'] + '\\n\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'SHAKESPEARE.\\n<think>\\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="session")
 def guarded(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     os.symlink(SHIPPED, d / SHIPPED.name)
-    _refusing_copy(d / "refuses.gguf")
+    _with_template(d / "refuses.gguf", REFUSES)
+    _with_template(d / "thinks.gguf", THINKS)
     s = Server("--api-key", KEY, "--cors-origin", ALLOWED, "--max-queue", "1", "--max-body", "64K",
                "--models-dir", str(d), log=d / "server.log").wait_ready()
     yield s
@@ -223,7 +234,7 @@ def test_api_key_401(guarded):
 
 def test_template_error_400_and_model_swap(guarded):
     c = oai(guarded, api_key=KEY)
-    assert sorted(m.id for m in c.models.list()) == ["refuses", "shakespeare-moe-Q8_0"]
+    assert sorted(m.id for m in c.models.list()) == ["refuses", "shakespeare-moe-Q8_0", "thinks"]
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="refuses", messages=chat_msgs("hi"), max_tokens=2)
     assert "test template says no" in e.value.message and e.value.code == "chat_template_error"
@@ -233,6 +244,22 @@ def test_template_error_400_and_model_swap(guarded):
     assert r.choices[0].message.content is not None and r.model == "shakespeare-moe-Q8_0"
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=chat_msgs("hi"), max_tokens=2)
+
+
+def test_reasoning_content(guarded):
+    """The template opened <think> and the model never closes it: the whole reply is reasoning."""
+    c = oai(guarded, api_key=KEY)
+    r = c.chat.completions.create(model="thinks", messages=chat_msgs("Who art thou?"), **GREEDY)
+    msg = r.choices[0].message
+    assert msg.content == "" and msg.reasoning_content and "<think>" not in msg.reasoning_content
+    chunks = list(c.chat.completions.create(model="thinks", messages=chat_msgs("Who art thou?"), stream=True,
+                                            **GREEDY))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
+    assert not "".join(d.content or "" for d in deltas)
+    inline = c.chat.completions.create(model="thinks", messages=chat_msgs("Who art thou?"),
+                                       extra_body={"reasoning_format": "none"}, **GREEDY).choices[0].message
+    assert inline.content == msg.reasoning_content and getattr(inline, "reasoning_content", None) is None
 
 
 def test_cors_off_by_default(server):
@@ -378,6 +405,9 @@ def test_expert_counts(server):
 
 def test_sigterm_during_stream_exits_0(tmp_path):
     s = Server(log=tmp_path / "server.log").wait_ready()
+    # /health said 503 while the model loaded (the socket listens before the load starts)
+    assert s.health_seen[0][0] == 503 and s.health_seen[0][1]["status"] == "loading", s.health_seen
+    assert s.health_seen[-1] == (200, {"status": "ok"})
     lines = []
     with httpx.stream("POST", s.url + "/v1/completions", json={**SLOW, "stream": True}, timeout=TIMEOUT) as r:
         for line in r.iter_lines():
@@ -389,3 +419,24 @@ def test_sigterm_during_stream_exits_0(tmp_path):
     assert s.proc.wait(30) == 0, s.log()
     assert port_free(s.port)
     s.stop()
+
+
+def _serve_cli(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "import sys; from localmoe.cli import main; sys.argv[0] = 'localmoe'; main()",
+           "serve", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = _serve_cli("--port", str(busy.getsockname()[1]))
+    assert r.returncode == 1 and "error: cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
+    # an address of no interface here (TEST-NET-1): the warning about a non-loopback address
+    # without a key, then a clean error; nothing is bound
+    r = _serve_cli("--host", "192.0.2.1", "--port", "8080")
+    assert "warning: listening on 192.0.2.1 without --api-key" in r.stderr
+    assert r.returncode == 1 and "error: cannot listen on 192.0.2.1:8080" in r.stderr
+    r = _serve_cli("--max-body", "lots")
+    assert r.returncode == 1 and "error: cannot read memory size 'lots'" in r.stderr

@@ -320,7 +320,7 @@ class Engine:
             ids = prompt_tokens(tok, L.template, req.messages)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), code="chat_template_error", param="messages") from None
-        tail = tok.decode(ids[-4:], special=True).rstrip()
+        tail = tok.decode(ids[-16:], special=True).rstrip()
         return ids, tail.endswith("<think>")
 
     def _serve(self, job: Job) -> None:
