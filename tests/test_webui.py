@@ -66,14 +66,14 @@ def stored_messages(driver):
 
 
 @contextlib.contextmanager
-def serving(log_dir: Path, *options):
-    """A real `localmoe serve` of the shipped model on a free local port; yields its URL."""
+def serving(log_dir: Path, *options, model: Path = MODEL):
+    """A real `localmoe serve` on a free local port; yields its URL."""
     exe = shutil.which("localmoe")
     assert exe, "the localmoe command is not installed (pip install -e .)"
     port = free_port()
     log_path = log_dir / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([exe, "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
+        proc = subprocess.Popen([exe, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                                  "--threads", "2", *options], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -319,3 +319,26 @@ def test_api_key_entered_in_settings(browser, tmp_path):
         wait_idle(d)
         assert last_reply(d).find_element(By.CSS_SELECTOR, ".content").text
         assert any(heatmap(d).values())
+
+
+def test_reasoning_shows_in_a_collapsible_block(browser, tmp_path):
+    from test_server import THINKS, _with_template  # the shipped model, its template opening <think>
+    d = browser
+    model = tmp_path / "thinks.gguf"
+    _with_template(model, THINKS)
+    with serving(tmp_path, model=model) as url:
+        open_page(d, url)
+        set_field(d, "temperature", 0)
+        set_field(d, "max_tokens", 12)
+        send(d, "Who art thou?")
+        wait_idle(d)
+        want = get_json(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Who art thou?"}],
+                                                        "temperature": 0, "max_tokens": 12})
+        assert want["choices"][0]["message"]["reasoning_content"]
+        assert stored_messages(d)[1]["reasoning"] == want["choices"][0]["message"]["reasoning_content"]
+        block = last_reply(d).find_element(By.CSS_SELECTOR, "details.reasoning")
+        text = block.find_element(By.CSS_SELECTOR, ".reasoning-text")
+        assert block.is_displayed() and not text.is_displayed()  # collapsed
+        block.find_element(By.TAG_NAME, "summary").click()
+        assert text.is_displayed() and text.text.strip()
+        d.save_screenshot(str(tmp_path / "reasoning.png"))
