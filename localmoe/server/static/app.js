@@ -224,7 +224,10 @@
       if (!res.ok) throw new Error(await errorMessage(res));
       for await (const chunk of sseEvents(res.body)) {
         if (chunk.error) throw new Error(chunk.error.message || "server error");
-        requestId = chunk.id || requestId;
+        if (!requestId && chunk.id) {  // the first chunk names the request: show its counts now
+          requestId = chunk.id;
+          pollExperts(chat, reply, requestId);
+        }
         for (const choice of chunk.choices || []) {
           const d = choice.delta || {};
           if (d.content) reply.content += d.content;
