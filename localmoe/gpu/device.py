@@ -60,10 +60,10 @@ def resolve_device(device: str | None, gpu_budget=None) -> str:
         device = "cpu" if gpu_budget is None else "cuda"
     if device not in DEVICES:
         raise LocalMoEError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu" and gpu_budget is not None:
+        raise LocalMoEError("a GPU budget needs the CUDA device: --device cuda (or auto), not cpu")
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    if device == "cpu" and gpu_budget is not None:
-        raise LocalMoEError("a GPU budget needs the CUDA device (--device cuda or auto, which found no GPU)")
     if device == "cuda":
         cuda()  # fail now, with a clear message, not at the first kernel
     return device
