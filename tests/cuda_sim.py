@@ -2,28 +2,43 @@
 
 `enable()` switches numba.cuda to the simulator (NUMBA_ENABLE_CUDASIM=1) before anything
 imports numba.cuda in this process; the CPU path never imports it, so the rest of the suite
-is unaffected. Skips when numba-cuda is not installed (it is the optional `cuda` extra,
-which the test extra also lists).
+is unaffected. numba-cuda is in the test extra: without it these tests fail (no skip).
+
+LOCALMOE_CUDA_HW=1 runs the same tests on a real GPU instead (benchmarks/gpu_device.sh),
+with the hardware launch shapes, plus the tests too slow for the simulator (`HARDWARE`).
 """
 import os
 import sys
 
-import pytest
+
+HARDWARE = os.environ.get("LOCALMOE_CUDA_HW") == "1"
 
 
 def enable():
-    if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        raise RuntimeError("numba.cuda was imported before the simulator was enabled")
-    pytest.importorskip("numba_cuda", reason="numba-cuda (the `cuda` extra) is not installed")
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    """numba.cuda as the simulator (or the GPU with LOCALMOE_CUDA_HW=1). The environment variable
+    is restored afterwards, so that child processes started by other tests do not inherit it."""
     import numba
-    numba.core.config.reload_config()
-    from numba import cuda
+    if HARDWARE:
+        from numba import cuda
+        assert cuda.is_available() and not numba.core.config.ENABLE_CUDASIM, "LOCALMOE_CUDA_HW=1 needs a GPU"
+        return cuda
+    if "numba.cuda" in sys.modules and not numba.core.config.ENABLE_CUDASIM:
+        raise RuntimeError("numba.cuda was imported before the simulator was enabled")
+    saved = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    try:
+        numba.core.config.reload_config()
+        from numba import cuda
+    finally:
+        if saved is None:
+            del os.environ["NUMBA_ENABLE_CUDASIM"]
+        else:
+            os.environ["NUMBA_ENABLE_CUDASIM"] = saved
     assert cuda.is_available()  # the simulator is always available
     return cuda
 
 
-def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, **hyper):
+def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_embd: int = 64, **hyper):
     """Write a random micro MoE GGUF small enough for the simulator (a real vocabulary's
     output head is too slow there): 1 layer, n_embd 64, 4 experts of 64 x 64, 2 used, Q8_0
     matrices (as localmoe's quantizer writes them), F32 norms and router, a stub vocabulary."""
@@ -35,8 +50,9 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, **h
     from models import archs
 
     qtype = T.Q8_0 if qtype is None else T(qtype)
-    h = dict(n_embd=64, n_head=2, n_head_kv=1, head_dim=32, n_ff=64, n_ff_exp=64, n_expert=4, n_used=2,
-             n_layer=1, **hyper)
+    h = dict(n_embd=n_embd, n_head=2, n_head_kv=1, head_dim=32, n_ff=n_embd, n_ff_exp=n_embd, n_expert=4,
+             n_used=2, n_layer=1)
+    h.update(hyper)
     s = archs.Spec(arch=arch, vocab="none")
     s.keys.update({"context_length": 256, "embedding_length": h["n_embd"], "block_count": h["n_layer"],
                    "feed_forward_length": h["n_ff"], "attention.head_count": h["n_head"],

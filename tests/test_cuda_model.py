@@ -6,12 +6,13 @@ while the CPU kernels first convert x to the weight's vec_dot type (fp16 for F16
 for Q8_0). So F16 weights agree to fp16 rounding of the activations, and Q8_0 weights to
 8-bit activation rounding; a wrong expert, weight or missing partial sum is off by O(1).
 """
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from cuda_sim import enable, micro_model
+from cuda_sim import HARDWARE, enable, micro_model
 from gguf import GGMLQuantizationType as T
 
 cuda = enable()
@@ -73,7 +74,7 @@ def test_gpu_budget_below_dense_part(f16_model):
 def test_no_driver_is_a_clear_error(f16_model):
     """Without the simulator and with no NVIDIA driver here, --device cuda is an `error:` line,
     exit 1, no traceback; the CPU path imports nothing from numba.cuda."""
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     r = subprocess.run([sys.executable, "-c", "from localmoe.cli import main; main()", "run", str(f16_model), "-p", "t1", "-n", "1",
                         "--device", "cuda"], capture_output=True, text=True, env=env, timeout=300)
     if r.returncode == 0:
@@ -85,3 +86,38 @@ def test_no_driver_is_a_clear_error(f16_model):
     r = subprocess.run([sys.executable, "-c", code, str(f16_model)], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not HARDWARE, reason="GPU only (LOCALMOE_CUDA_HW=1): minutes per model on the simulator")
+@pytest.mark.parametrize("arch", ["qwen3moe", "olmoe", "llama"])
+@pytest.mark.parametrize("qtype", [T.F16, T.Q4_K, T.Q6_K, T.Q3_K], ids=lambda q: q.name)
+def test_gpu_k_quant_models(tmp_path, arch, qtype):
+    """n_embd 256 micro models of three architectures (K-quant rows), 2 layers, 8 experts (4 used),
+    at 50%: within 5e-2 of max |logit| of the CPU path (F16: 2e-3), as above."""
+    path = micro_model(tmp_path / f"{arch}-{qtype.name}.gguf", arch=arch, qtype=qtype, n_embd=256, n_layer=2,
+                       n_expert=8, n_used=4, n_head=4, n_head_kv=2, head_dim=64, n_vocab=512)
+    ref_pre, ref_step, _ = _run(path)
+    pre, step, st = _run(path, gpu_budget="50%")
+    tol = 2e-3 if qtype == T.F16 else 5e-2
+    assert np.abs(pre - ref_pre).max() <= tol * np.abs(ref_pre).max()
+    assert np.abs(step - ref_step).max() <= tol * np.abs(ref_step).max()
+    assert st["gpu_pairs"] > 0 and st["cpu_pairs"] > 0
+
+
+def test_vram_tier_lfu_moves(f16_model):
+    """The VRAM slots follow LFU with decay: after expert 3 and 1 are picked step after step,
+    they hold the 2 slots, each slot's device bytes equal that expert's GGUF rows, and an expert
+    picked once does not evict them."""
+    with localmoe.load(f16_model, n_ctx=32, gpu_budget="50%") as m:
+        tier = m.gpu.experts
+        for _ in range(5):
+            tier.fill_free(0, np.array([[0, 2]], np.int32))
+            tier.update(0, np.array([[3, 1]], np.int32))
+        assert sorted(np.flatnonzero(tier.resident(0) >= 0).tolist()) == [1, 3] and tier.moves == 2
+        tier.update(0, np.array([[0, 2]], np.int32))
+        assert sorted(np.flatnonzero(tier.resident(0) >= 0).tolist()) == [1, 3] and tier.moves == 2
+        for (il, name), dev in tier.stacks.items():
+            r, host = tier.rows[il, name], dev.copy_to_host()
+            for e in (1, 3):
+                s = tier.resident(il)[e]
+                assert np.array_equal(host[s * r:(s + 1) * r], tier.src[il, name][e])

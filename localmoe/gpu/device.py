@@ -6,7 +6,6 @@ never a traceback from the driver.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from localmoe.errors import LocalMoEError
@@ -19,8 +18,10 @@ class CudaUnavailableError(LocalMoEError):
 
 
 def simulated() -> bool:
-    """True when numba-cuda's simulator stands in for the GPU (NUMBA_ENABLE_CUDASIM=1)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    """True when numba-cuda's simulator stands in for the GPU (NUMBA_ENABLE_CUDASIM=1, as numba
+    read it: numba.core.config, which the tests reload)."""
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
 
 
 def _import_cuda():

@@ -187,6 +187,7 @@ class GpuRunner:
         router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale)
         ids, wts = ids_d.copy_to_host(), wts_d.copy_to_host()
         m.store.note_selected(il, ids)
+        self.experts.fill_free(il, ids)
         slot = self.experts.resident(il)[ids]  # i32[n, k]: VRAM slot or -1
         tmp = b["tmp"][:n]
         tmp.copy_to_device(np.zeros((n, a.n_embd), np.float32))

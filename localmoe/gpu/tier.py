@@ -3,7 +3,8 @@
 Each layer gets the slots the GPU plan gives it, one device buffer per expert tensor
 (u8[slots * rows, row_bytes], GGUF rows as stored). Filling and eviction follow the
 RAM tier's policies (localmoe.planner.policy, LFU with decay by default): an expert is
-loaded into a free slot when first selected, and a selected expert whose score beats
+loaded into a free slot when first selected (before the step, so it runs there at once;
+the initial fill, not counted as a move), and a selected expert whose score beats
 the lowest-scoring resident one replaces it, at most MAX_MOVES per layer and step.
 A profile (--expert-profile) seeds the scores and the first residents.
 
@@ -57,6 +58,18 @@ class VramExperts:
 
     def stack(self, layer: int, name: str):
         return self.stacks[layer, name]
+
+    def fill_free(self, layer: int, ids: np.ndarray) -> None:
+        """Before the layer's step: selected experts ids i32[n_tok, k] go into free slots (first
+        use, no eviction), so that they run on the device in this very step."""
+        held = self.expert_in.get(layer)
+        if held is None or not (held < 0).any():
+            return
+        for e in np.unique(ids[self.slot_of[layer][ids] < 0]):
+            slot = self._free_slot(layer)
+            if slot < 0:
+                return
+            self._load(layer, int(e), slot)
 
     def update(self, layer: int, ids: np.ndarray) -> None:
         """After the layer's step: score the selections ids i32[n_tok, k], then promote."""
