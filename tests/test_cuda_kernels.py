@@ -2,7 +2,7 @@
 the CPU kernels (localmoe.quant, localmoe.layers, route_topk) or numpy in float64."""
 import numpy as np
 import pytest
-from cuda_sim import enable
+from cuda_sim import HARDWARE, enable
 from gguf import GGMLQuantizationType as T
 
 cuda = enable()
@@ -163,3 +163,19 @@ def test_route_topk(gating, norm, scale):
     ref_ids, ref_w = route_topk(logits, 3, gating, norm, scale)
     assert np.array_equal(ids.copy_to_host(), ref_ids)
     assert np.abs(wts.copy_to_host() - ref_w).max() <= 1e-6 * np.abs(ref_w).max()
+
+
+def test_hardware_launch_shapes():
+    """The tests above run with the simulator's small blocks (LAUNCH 2 x 8); this reruns the
+    matvec, norm, attention and routing tests in a child process with the GPU's (32 threads
+    a row, 4 rows a block: 128-thread blocks and 5-step shared-memory trees)."""
+    import os
+    import subprocess
+    import sys
+    if HARDWARE:
+        pytest.skip("on a GPU the tests above already use the hardware shapes")
+    env = {**os.environ, "LOCALMOE_CUDA_LAUNCH": "32,4"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "(experts and Q4_K) or prefill or rms_norm or attention or (route and sigmoid)"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

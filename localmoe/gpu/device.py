@@ -6,6 +6,7 @@ never a traceback from the driver.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from localmoe.errors import LocalMoEError
@@ -80,4 +81,19 @@ class Launch:
     rpb: int
 
 
-LAUNCH = Launch(tpr=2, rpb=8) if simulated() else Launch(tpr=32, rpb=4)
+def _launch() -> Launch:
+    """LOCALMOE_CUDA_LAUNCH="tpr,rpb" (powers of two) overrides, e.g. to run the hardware shapes
+    on the simulator (tests/test_cuda_kernels.py does)."""
+    env = os.environ.get("LOCALMOE_CUDA_LAUNCH")
+    if not env:
+        return Launch(tpr=2, rpb=8) if simulated() else Launch(tpr=32, rpb=4)
+    try:
+        tpr, rpb = (int(v) for v in env.split(","))
+    except ValueError:
+        tpr = rpb = 0
+    if not all(v > 0 and v & (v - 1) == 0 for v in (tpr, rpb)):
+        raise LocalMoEError(f"LOCALMOE_CUDA_LAUNCH={env!r}: give two powers of two, 'tpr,rpb'")
+    return Launch(tpr, rpb)
+
+
+LAUNCH = _launch()
