@@ -4,13 +4,16 @@ One kernel shape serves decode over a stack of selected experts (llama.cpp's
 mul_mat_id: slots = the k selected experts, ids = their VRAM slots), dense
 matvecs (one matrix, ids = 0) and prefill (slots = tokens, or (token, expert)
 pairs). Weights stay GGUF rows as stored, u8[n_mat * n_rows, row_bytes]; each
-type supplies `block_dot(w, wh, r, b, x, xr)`: quant block b of row r (of the
-flattened stack) dotted with x[xr] (wh: the same bytes viewed as fp16, for the
-block scales).
+type supplies `unit_dot(w, wh, r, u, x, xr)`: the u-th run of 32 weights of row r
+(of the flattened stack: a Q8_0 block, one scale group of 32 of a K-quant block,
+32 floats) dotted with x[xr, 32u:32u+32] (wh: the same bytes viewed as fp16, for
+the block scales).
 
 Launch: a block of (LAUNCH.tpr, LAUNCH.rpb) threads covers rpb rows; the tpr
-threads of a row take its quant blocks in turn and add their partial sums in
-shared memory (a tree, no warp shuffles: the simulator runs it as it is).
+threads of a row take its 32-weight units in turn (a 2048-wide K-quant row keeps
+64 units for 32 threads, neighbours reading neighbouring bytes) and add their
+partial sums in shared memory (a tree, no warp shuffles: the simulator runs it
+as it is).
 Prefill reads a row once per token here: correct first, a tiled matmul later.
 """
 from __future__ import annotations
@@ -25,12 +28,12 @@ from localmoe.errors import UnsupportedError
 
 from .device import LAUNCH
 
-# qtype -> module with QK (elements per block), TYPE_SIZE, block_dot and VIEW (dtype of w)
+# qtype -> module with unit_dot (F32: unit_dot_f32)
 _MODULES = {T.Q8_0: "q8_0", T.Q4_K: "q4_k", T.Q6_K: "q6_k", T.Q3_K: "q3_k", T.F16: "floats", T.F32: "floats"}
 _KERNELS: dict = {}
 
 
-def make_kernel(block_dot, qk: int):
+def make_kernel(unit_dot):
     tpr, rpb = LAUNCH.tpr, LAUNCH.rpb
 
     @cuda.jit
@@ -45,8 +48,8 @@ def make_kernel(block_dot, qk: int):
         if r < n_rows:
             wr = ids[s] * n_rows + r
             xr = xrow[s]
-            for b in range(tx, (x.shape[1] + qk - 1) // qk, tpr):
-                acc += block_dot(w, wh, wr, b, x, xr)
+            for u in range(tx, (x.shape[1] + 31) // 32, tpr):
+                acc += unit_dot(w, wh, wr, u, x, xr)
         part[ty, tx] = acc
         cuda.syncthreads()
         step = tpr // 2
@@ -91,7 +94,7 @@ def gathered_matvec(qtype, out, x, w, ids, xrow, n_rows: int, stream=0) -> None:
     k = _KERNELS.get(qtype)
     if k is None:
         mod = _module(qtype)
-        k = _KERNELS[qtype] = make_kernel(mod.block_dot_f32 if qtype == T.F32 else mod.block_dot, mod.QK)
+        k = _KERNELS[qtype] = make_kernel(mod.unit_dot_f32 if qtype == T.F32 else mod.unit_dot)
     n_slot = out.shape[0]
     if n_slot == 0 or n_rows == 0:
         return

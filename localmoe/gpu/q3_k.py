@@ -1,10 +1,9 @@
 """Q3_K: 256 weights per 110-byte block: hmask[32] (the third bit), qs[64] (2-bit pairs),
 12 bytes of 6-bit scales for 16 groups of 16, d fp16. Element 128n + 32j + l (l < 32): bits 2j
 of qs[32n + l], high bit 4n + j of hmask[l] (clear: subtract 4), scale 8n + 2j + l // 16.
-Weight = d * (scale - 32) * q."""
+Weight = d * (scale - 32) * q. A 32-weight unit is one (n, j): two scale groups."""
 from numba import cuda, float32, int32
 
-QK = 256
 TYPE_SIZE = 110
 
 
@@ -16,18 +15,16 @@ def scale(w, r, o, g):  # o: offset of the 12 scale bytes; group g < 16 -> scale
 
 
 @cuda.jit(device=True, inline=True)
-def block_dot(w, wh, r, b, x, xr):
-    o = b * TYPE_SIZE
-    xo = b * QK
+def unit_dot(w, wh, r, u, x, xr):  # w u8[rows, row_bytes], wh f16 view; x f32[n_x, n_cols] -> f32
+    o, c = (u // 8) * TYPE_SIZE, u % 8
+    n, j = c // 4, c % 4
     acc = float32(0.0)
-    for n in range(2):
-        for j in range(4):
-            for g in range(2):
-                s = float32(0.0)
-                for l in range(16 * g, 16 * g + 16):
-                    q = (int32(w[r, o + 32 + 32 * n + l]) >> (2 * j)) & 3
-                    if (int32(w[r, o + l]) >> (4 * n + j)) & 1 == 0:
-                        q -= 4
-                    s += float32(q) * x[xr, xo + 128 * n + 32 * j + l]
-                acc += float32(scale(w, r, o + 96, 8 * n + 2 * j + g)) * s
+    for g in range(2):
+        s = float32(0.0)
+        for l in range(16 * g, 16 * g + 16):
+            q = (int32(w[r, o + 32 + 32 * n + l]) >> (2 * j)) & 3
+            if (int32(w[r, o + l]) >> (4 * n + j)) & 1 == 0:
+                q -= 4
+            s += float32(q) * x[xr, 32 * u + l]
+        acc += float32(scale(w, r, o + 96, 2 * c + g)) * s
     return float32(wh[r, (o + 108) // 2]) * acc

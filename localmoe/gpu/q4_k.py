@@ -1,9 +1,8 @@
 """Q4_K: 256 weights per 144-byte block: d, dmin fp16; 12 bytes of 6-bit scales and mins
 for 8 groups of 32; 128 bytes of nibbles (bytes 32j.. hold groups 2j (low) and 2j+1 (high)).
-Weight = d * scale_g * q - dmin * min_g."""
+Weight = d * scale_g * q - dmin * min_g. A 32-weight unit is one group."""
 from numba import cuda, float32, int32
 
-QK = 256
 TYPE_SIZE = 144
 
 
@@ -16,20 +15,15 @@ def scale_min(w, r, o, g):  # o: offset of the 12 scale bytes; group g < 8 -> (s
 
 
 @cuda.jit(device=True, inline=True)
-def block_dot(w, wh, r, b, x, xr):
-    o = b * TYPE_SIZE
-    xo = b * QK
-    d, dmin = float32(wh[r, o // 2]), float32(wh[r, o // 2 + 1])
-    acc = float32(0.0)
-    for g in range(8):
-        sc, mn = scale_min(w, r, o + 4, g)
-        shift = 4 * (g & 1)
-        qo = o + 16 + 32 * (g >> 1)
-        s = float32(0.0)
-        sx = float32(0.0)
-        for l in range(32):
-            xv = x[xr, xo + 32 * g + l]
-            s += float32((int32(w[r, qo + l]) >> shift) & 15) * xv
-            sx += xv
-        acc += d * float32(sc) * s - dmin * float32(mn) * sx
-    return acc
+def unit_dot(w, wh, r, u, x, xr):  # w u8[rows, row_bytes], wh f16 view; x f32[n_x, n_cols] -> f32
+    o, g = (u // 8) * TYPE_SIZE, u % 8
+    sc, mn = scale_min(w, r, o + 4, g)
+    shift = 4 * (g & 1)
+    qo = o + 16 + 32 * (g >> 1)
+    s = float32(0.0)
+    sx = float32(0.0)
+    for l in range(32):
+        xv = x[xr, 32 * u + l]
+        s += float32((int32(w[r, qo + l]) >> shift) & 15) * xv
+        sx += xv
+    return float32(wh[r, o // 2]) * float32(sc) * s - float32(wh[r, o // 2 + 1]) * float32(mn) * sx
