@@ -10,7 +10,8 @@ localmoe's quantizer (byte-identical to llama.cpp's), cached beside the F16 buil
 
 localmoe: one child process loads the model at each budget in turn, `load(gpu_budget="N%")`,
 and times a greedy prefill of --prompt tokens then --decode single-token steps, medians
-of --repeats after one untimed repetition (kernels compile in the first). The expert slots per layer and the VRAM planned are printed.
+of --repeats after one untimed repetition (kernels compile in the first). The expert
+slots per layer and the VRAM planned are printed.
 
 llama.cpp: `llama-bench` from a build with -DGGML_CUDA=on (CMAKE_ARGS for llama-cpp-python
 builds only the library; build llama.cpp's tools), -ngl 99 (every layer on the GPU) and

@@ -57,16 +57,21 @@ def test_gathered_matvec_experts(qt):
         assert np.abs(got - cpu).max() <= 1e-2 * np.abs(ref).max()
 
 
-def test_gathered_matvec_prefill_matmul():
-    """The prefill form: slots = 5 tokens on one Q4_K matrix (ids all 0), rows not a multiple
-    of the rows per block; equals dequantize @ X.T within 1e-5 * max |ref|."""
+@pytest.mark.parametrize("qt", [T.Q4_K, T.F16], ids=lambda q: q.name)
+def test_gathered_matvec_batch_tiles(qt):
+    """The prefill form: 19 slots sorted by matrix over a stack of 3 (9 rows of 512, not a
+    multiple of the rows per block), so blocks take tiles of 8 slots (2 matrices in one tile,
+    a partial last tile). Equals dequantize @ x rows within 1e-5 * max |ref|."""
     rng = np.random.default_rng(1)
-    rows, cols, n_tok = 9, 512, 5
-    raw, deq = _weights(T.Q4_K, rows, cols, rng)
-    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-    out = cuda.device_array((n_tok, rows), np.float32)
-    gathered_matvec(T.Q4_K, out, *_dev(x, raw, np.zeros(n_tok, np.int32), np.arange(n_tok, dtype=np.int32)), rows)
-    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+    n_mat, rows, cols, n_slot = 3, 9, 512, 19
+    raw, deq = _weights(qt, n_mat * rows, cols, rng)
+    x = rng.standard_normal((7, cols)).astype(np.float32)
+    ids = np.sort(rng.integers(0, n_mat, n_slot)).astype(np.int32)
+    xrow = rng.integers(0, 7, n_slot).astype(np.int32)
+    out = cuda.device_array((n_slot, rows), np.float32)
+    gathered_matvec(qt, out, *_dev(x, raw, ids, xrow), rows)
+    d3 = deq.reshape(n_mat, rows, cols).astype(np.float64)
+    ref = np.stack([d3[ids[s]] @ x[xrow[s]] for s in range(n_slot)])
     assert np.abs(out.copy_to_host() - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
@@ -121,10 +126,12 @@ def test_swiglu_add_weighted_sum_kv_store():
     assert np.array_equal(dout.copy_to_host(), g + u)
     y = rng.standard_normal((5, 24)).astype(np.float32)
     start, wts = np.array([0, 2, 2, 5], np.int32), rng.random(5).astype(np.float32)
+    perm = np.array([3, 0, 4, 1, 2], np.int32)
     base = rng.standard_normal((3, 24)).astype(np.float32)
     dbase = cuda.to_device(base)
-    ops.weighted_sum(dbase, *_dev(y, start, wts))
-    ref = base + np.stack([(y[start[t]:start[t + 1]] * wts[start[t]:start[t + 1], None]).sum(0) for t in range(3)])
+    ops.weighted_sum(dbase, *_dev(y, perm, start, wts))
+    yp = y[perm]
+    ref = base + np.stack([(yp[start[t]:start[t + 1]] * wts[start[t]:start[t + 1], None]).sum(0) for t in range(3)])
     assert np.abs(dbase.copy_to_host() - ref).max() <= 1e-6 * np.abs(ref).max()
     cache = cuda.to_device(np.zeros((8, 2, 12), np.float16))
     kv = rng.standard_normal((3, 2, 12)).astype(np.float32)
@@ -176,6 +183,6 @@ def test_hardware_launch_shapes():
         pytest.skip("on a GPU the tests above already use the hardware shapes")
     env = {**os.environ, "LOCALMOE_CUDA_LAUNCH": "32,4"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "(experts and Q4_K) or prefill or rms_norm or attention or (route and sigmoid)"],
+                        "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid)"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

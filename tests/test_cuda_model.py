@@ -75,7 +75,8 @@ def test_no_driver_is_a_clear_error(f16_model):
     """Without the simulator and with no NVIDIA driver here, --device cuda is an `error:` line,
     exit 1, no traceback; the CPU path imports nothing from numba.cuda."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    r = subprocess.run([sys.executable, "-c", "from localmoe.cli import main; main()", "run", str(f16_model), "-p", "t1", "-n", "1",
+    r = subprocess.run([sys.executable, "-c", "from localmoe.cli import main; main()", "run", str(f16_model),
+                        "-p", "t1", "-n", "1",
                         "--device", "cuda"], capture_output=True, text=True, env=env, timeout=300)
     if r.returncode == 0:
         pytest.skip("a CUDA device is present here")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import cuda, float32, float64, int32
 
 from .device import LAUNCH
@@ -111,19 +112,20 @@ def add_bias(out, bias, stream=0) -> None:
 
 
 @cuda.jit
-def _weighted_sum(out, y, start, wts):  # out f32[n_tok, n]; y f32[n_slot, n]; start i32[n_tok + 1]; wts f32[n_slot]
+def _weighted_sum(out, y, perm, start, wts):
+    # out f32[n_tok, n]; y f32[n_rows, n]; perm i32[n_slot]: y row of slot s; start i32[n_tok + 1]; wts f32[n_slot]
     n = out.shape[1]
     for i in range(cuda.grid(1), out.shape[0] * n, cuda.gridsize(1)):
         t, c = i // n, i % n
         acc = out[t, c]
         for s in range(start[t], start[t + 1]):
-            acc += y[s, c] * wts[s]
+            acc += y[perm[s], c] * wts[s]
         out[t, c] = acc
 
 
-def weighted_sum(out, y, start, wts, stream=0) -> None:
-    """out[t] += sum of wts[s] * y[s] over the slots s of token t (start[t]..start[t+1], in slot order)."""
-    _weighted_sum[_flat_grid(out.shape[0] * out.shape[1]), NT, stream](out, y, start, wts)
+def weighted_sum(out, y, perm, start, wts, stream=0) -> None:
+    """out[t] += sum of wts[s] * y[perm[s]] over the slots s of token t (start[t]..start[t+1], in slot order)."""
+    _weighted_sum[_flat_grid(out.shape[0] * out.shape[1]), NT, stream](out, y, perm, start, wts)
 
 
 @cuda.jit
@@ -131,7 +133,7 @@ def _kv_store(cache, x, p0):  # cache f16[n_ctx, n_kv, hd]; x f32[n_tok, n_kv, h
     n_kv, hd = x.shape[1], x.shape[2]
     for i in range(cuda.grid(1), x.shape[0] * n_kv * hd, cuda.gridsize(1)):
         t, rem = i // (n_kv * hd), i % (n_kv * hd)
-        cache[p0 + t, rem // hd, rem % hd] = x[t, rem // hd, rem % hd]
+        cache[p0 + t, rem // hd, rem % hd] = np.float16(x[t, rem // hd, rem % hd])
 
 
 def kv_store(cache, x, p0: int, stream=0) -> None:

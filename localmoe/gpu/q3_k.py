@@ -15,16 +15,14 @@ def scale(w, r, o, g):  # o: offset of the 12 scale bytes; group g < 16 -> scale
 
 
 @cuda.jit(device=True, inline=True)
-def unit_dot(w, wh, r, u, x, xr):  # w u8[rows, row_bytes], wh f16 view; x f32[n_x, n_cols] -> f32
+def dequant_unit(w, wh, r, u, y):  # w u8[rows, row_bytes], wh: its f16 view -> y f32[32]: unit u of row r
     o, c = (u // 8) * TYPE_SIZE, u % 8
     n, j = c // 4, c % 4
-    acc = float32(0.0)
+    d = float32(wh[r, (o + 108) // 2])
     for g in range(2):
-        s = float32(0.0)
+        dl = d * float32(scale(w, r, o + 96, 2 * c + g))
         for l in range(16 * g, 16 * g + 16):
             q = (int32(w[r, o + 32 + 32 * n + l]) >> (2 * j)) & 3
             if (int32(w[r, o + l]) >> (4 * n + j)) & 1 == 0:
                 q -= 4
-            s += float32(q) * x[xr, 32 * u + l]
-        acc += float32(scale(w, r, o + 96, 2 * c + g)) * s
-    return float32(wh[r, (o + 108) // 2]) * acc
+            y[l] = dl * float32(q)

@@ -8,18 +8,14 @@ TYPE_SIZE = 210
 
 
 @cuda.jit(device=True, inline=True)
-def unit_dot(w, wh, r, u, x, xr):  # w u8[rows, row_bytes], wh f16 view; x f32[n_x, n_cols] -> f32
+def dequant_unit(w, wh, r, u, y):  # w u8[rows, row_bytes], wh: its f16 view -> y f32[32]: unit u of row r
     o, c = (u // 8) * TYPE_SIZE, u % 8
     h, k = c // 4, c % 4
     lo_o = o + 64 * h + 32 * (k % 2)
     lo_shift = 4 * (k // 2)
-    acc = float32(0.0)
-    for g in range(2):  # two scale groups of 16
-        sc = int32(w[r, o + 192 + 2 * c + g])
+    d = float32(wh[r, (o + 208) // 2])
+    for l in range(32):
+        sc = int32(w[r, o + 192 + 2 * c + l // 16])
         sc -= (sc & 128) << 1
-        s = float32(0.0)
-        for l in range(16 * g, 16 * g + 16):
-            q = ((int32(w[r, lo_o + l]) >> lo_shift) & 15) | (((int32(w[r, o + 128 + 32 * h + l]) >> (2 * k)) & 3) << 4)
-            s += float32(q - 32) * x[xr, 32 * u + l]
-        acc += float32(sc) * s
-    return float32(wh[r, (o + 208) // 2]) * acc
+        q = ((int32(w[r, lo_o + l]) >> lo_shift) & 15) | (((int32(w[r, o + 128 + 32 * h + l]) >> (2 * k)) & 3) << 4)
+        y[l] = d * float32(sc) * float32(q - 32)

@@ -6,11 +6,9 @@ TYPE_SIZE = 34
 
 
 @cuda.jit(device=True, inline=True)
-def unit_dot(w, wh, r, u, x, xr):  # w u8[rows, row_bytes], wh f16 view; x f32[n_x, n_cols] -> f32
+def dequant_unit(w, wh, r, u, y):  # w u8[rows, row_bytes], wh: its f16 view -> y f32[32]: unit u of row r
     o = u * TYPE_SIZE
-    s = float32(0.0)
+    d = float32(wh[r, o // 2])
     for j in range(32):
         q = int32(w[r, o + 2 + j])
-        q -= (q & 128) << 1  # u8 -> i8
-        s += float32(q) * x[xr, 32 * u + j]
-    return float32(wh[r, o // 2]) * s
+        y[j] = d * float32(q - ((q & 128) << 1))  # u8 -> i8

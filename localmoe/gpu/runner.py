@@ -203,9 +203,14 @@ class GpuRunner:
         self.experts.update(il, ids)
 
     def _vram_experts(self, il: int, n: int, tok, slots, wts) -> None:
-        b, g = self.buf, tok.size
-        sid, xrow = self.cuda.to_device(slots.astype(np.int32)), self.cuda.to_device(tok.astype(np.int32))
-        start = self.cuda.to_device(np.searchsorted(tok, np.arange(n + 1)).astype(np.int32))
+        """The (token, expert) pairs tok/slots (token-major) on the device, sorted by expert for the
+        matmuls (a batch then decodes each weight unit once per tile of pairs), summed per token."""
+        b, g, to_dev = self.buf, tok.size, self.cuda.to_device
+        order = np.argsort(slots, kind="stable")
+        perm = np.empty(g, np.int32)
+        perm[order] = np.arange(g, dtype=np.int32)  # row of pair p in the sorted outputs
+        sid, xrow = to_dev(slots[order].astype(np.int32)), to_dev(tok[order].astype(np.int32))
+        start = to_dev(np.searchsorted(tok, np.arange(n + 1)).astype(np.int32))
         stack, q = self.experts.stack, self.qtypes
         n_ff = self.experts.rows[il, "ffn_up_exps"]
         gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff)
@@ -213,7 +218,7 @@ class GpuRunner:
         ops.swiglu(b["eh"][:g], b["eg"][:g], b["eu"][:g])
         gathered_matvec(q["ffn_down_exps"], b["ey"][:g], b["eh"][:g], stack(il, "ffn_down_exps"), sid,
                         b["arange"][:g], self.args.n_embd)
-        ops.weighted_sum(b["tmp"][:n], b["ey"][:g], start, self.cuda.to_device(wts.astype(np.float32)))
+        ops.weighted_sum(b["tmp"][:n], b["ey"][:g], to_dev(perm), start, to_dev(wts.astype(np.float32)))
 
     def _cpu_experts(self, il: int, h: np.ndarray, ids, wts, cpu) -> np.ndarray:
         """f32[n, n_embd]: the sum of the CPU-side selections (cpu: bool[n, k]) with the CPU kernels."""
