@@ -107,14 +107,17 @@ def test_gpu_k_quant_models(tmp_path, arch, qtype):
 
 def test_vram_tier_lfu_moves(f16_model):
     """The VRAM slots follow LFU with decay: after expert 3 and 1 are picked step after step,
-    they hold the 2 slots, each slot's device bytes equal that expert's GGUF rows, and an expert
-    picked once does not evict them."""
+    they hold the 2 slots (moved in through the pinned ring on the copy stream), each slot's
+    device bytes equal that expert's GGUF rows, and an expert picked once does not evict them."""
     with localmoe.load(f16_model, n_ctx=32, gpu_budget="50%") as m:
         tier = m.gpu.experts
         for _ in range(5):
             tier.fill_free(0, np.array([[0, 2]], np.int32))
             tier.update(0, np.array([[3, 1]], np.int32))
         assert sorted(np.flatnonzero(tier.resident(0) >= 0).tolist()) == [1, 3] and tier.moves == 2
+        assert 0 in tier.pending  # the evictions went on the copy stream; the next step waits for them
+        tier.ready(0, m.gpu.st)
+        assert 0 not in tier.pending
         tier.update(0, np.array([[0, 2]], np.int32))
         assert sorted(np.flatnonzero(tier.resident(0) >= 0).tolist()) == [1, 3] and tier.moves == 2
         for (il, name), dev in tier.stacks.items():

@@ -89,6 +89,18 @@ def swiglu(out, g, u, stream=0) -> None:
 
 
 @cuda.jit
+def _fill(out, v):  # f32[n] (flattened)
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = v
+
+
+def fill(out, value: float, stream=0) -> None:
+    """out[...] = value for a contiguous f32 device array."""
+    o = out.reshape(out.size)
+    _fill[_flat_grid(o.shape[0]), NT, stream](o, float32(value))
+
+
+@cuda.jit
 def _add(out, a, b):  # f32[n] each (flattened)
     for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
         out[i] = a[i] + b[i]

@@ -5,7 +5,8 @@ projection, the router and its top-k, all on the device. The selected (token, ex
 pairs whose expert has a VRAM slot run there as one gathered launch per expert tensor
 (mul_mat_id); the others run on the CPU kernels of the Model's ExpertStore (resident or
 the RAM tier) in the same step, and the two partial sums are added on the device. The
-GPU work is queued before the CPU experts run, so on a GPU they overlap. Token
+device work is queued on the compute stream before the CPU experts run, so they overlap;
+expert moves go on the tier's copy stream (tier.py). Token
 embeddings are looked up on the host, as llama.cpp does.
 
 Architectures: those whose blocks are the shared skeleton plus a QK-norm and routing
@@ -69,6 +70,7 @@ class GpuRunner:
         for key, dev in self._expert_stacks(model).items():
             if not supported(dev.qtype):
                 raise UnsupportedError(f"{dev.name}: no CUDA kernel for {dev.qtype.name} experts")
+        self.st = cuda.stream()  # compute; the tier moves experts on a stream of its own
         self.experts = VramExperts(cuda, model.file, self.plan, policy, profile)
         self.qtypes = {key[1]: lin.qtype for key, lin in self._expert_stacks(model).items()}
         self.pairs = {"gpu": 0, "cpu": 0}  # (token, expert) selections run on each side
@@ -106,9 +108,9 @@ class GpuRunner:
     def _linear(self, lin: _DevLinear, out, x, n: int) -> None:
         """out[:n] = lin(x[:n]) on the device: one slot per token on matrix 0."""
         b = self.buf
-        gathered_matvec(lin.qtype, out[:n], x[:n], lin.w, b["zeros"][:n], b["arange"][:n], lin.n_out)
+        gathered_matvec(lin.qtype, out[:n], x[:n], lin.w, b["zeros"][:n], b["arange"][:n], lin.n_out, stream=self.st)
         if lin.bias is not None:
-            ops.add_bias(out[:n], lin.bias)
+            ops.add_bias(out[:n], lin.bias, stream=self.st)
 
     def forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Logits as Model.forward, for ids already checked; advances the Model's cache."""
@@ -125,25 +127,25 @@ class GpuRunner:
 
     def _logits(self, first: int, n: int) -> np.ndarray:
         b, eps = self.buf, self.args.norm_eps
-        ops.rms_norm(b["hn"][first:n], b["x"][first:n], self.output_norm, eps)
+        ops.rms_norm(b["hn"][first:n], b["x"][first:n], self.output_norm, eps, stream=self.st)
         self._linear(self.output, b["logits"], b["hn"][first:n], n - first)
-        return b["logits"][:n - first].copy_to_host()
+        return b["logits"][:n - first].copy_to_host(stream=self.st)
 
     def _hidden(self, ids: np.ndarray) -> None:
         m, a, b = self.model, self.args, self.buf
         n, p0 = ids.size, m.cache.n_past
-        b["x"][:n].copy_to_device(m.token_embd.get_rows(ids))
+        b["x"][:n].copy_to_device(m.token_embd.get_rows(ids), stream=self.st)
         for blk, w in zip(m.blocks, self.layers):
             x, hn, tmp = b["x"][:n], b["hn"][:n], b["tmp"][:n]
-            ops.rms_norm(hn, x, w["attn_norm"], a.norm_eps)
+            ops.rms_norm(hn, x, w["attn_norm"], a.norm_eps, stream=self.st)
             self._attention(blk.il, w, hn, n, p0)
-            ops.add(x, x, tmp)
-            ops.rms_norm(hn, x, w["ffn_norm"], a.norm_eps)
+            ops.add(x, x, tmp, stream=self.st)
+            ops.rms_norm(hn, x, w["ffn_norm"], a.norm_eps, stream=self.st)
             if "ffn_gate_inp" in w:
                 self._moe(blk, w, n)
             else:
                 self._dense_ffn(w, n)
-            ops.add(x, x, tmp)
+            ops.add(x, x, tmp, stream=self.st)
 
     def _attention(self, il: int, w: dict, hn, n: int, p0: int) -> None:
         a, b = self.args, self.buf
@@ -153,26 +155,26 @@ class GpuRunner:
         self._linear(w["attn_v"], b["v"], hn, n)
         if self.qk_norm == "head":
             ops.rms_norm(q.reshape(n * a.n_head, a.head_dim_k), q.reshape(n * a.n_head, a.head_dim_k),
-                         w["attn_q_norm"], a.norm_eps)
+                         w["attn_q_norm"], a.norm_eps, stream=self.st)
             ops.rms_norm(k.reshape(n * a.n_head_kv, a.head_dim_k), k.reshape(n * a.n_head_kv, a.head_dim_k),
-                         w["attn_k_norm"], a.norm_eps)
+                         w["attn_k_norm"], a.norm_eps, stream=self.st)
         elif self.qk_norm == "full":
-            ops.rms_norm(q, q, w["attn_q_norm"], a.norm_eps)
-            ops.rms_norm(k, k, w["attn_k_norm"], a.norm_eps)
+            ops.rms_norm(q, q, w["attn_q_norm"], a.norm_eps, stream=self.st)
+            ops.rms_norm(k, k, w["attn_k_norm"], a.norm_eps, stream=self.st)
         q3, k3 = q.reshape(n, a.n_head, a.head_dim_k), k.reshape(n, a.n_head_kv, a.head_dim_k)
-        ops.rope(q3, self.cos, self.sin, p0, a.rope.neox)
-        ops.rope(k3, self.cos, self.sin, p0, a.rope.neox)
-        ops.kv_store(self.k_cache[il], k3, p0)
-        ops.kv_store(self.v_cache[il], v.reshape(n, a.n_head_kv, a.head_dim_v), p0)
+        ops.rope(q3, self.cos, self.sin, p0, a.rope.neox, stream=self.st)
+        ops.rope(k3, self.cos, self.sin, p0, a.rope.neox, stream=self.st)
+        ops.kv_store(self.k_cache[il], k3, p0, stream=self.st)
+        ops.kv_store(self.v_cache[il], v.reshape(n, a.n_head_kv, a.head_dim_v), p0, stream=self.st)
         att = b["att"][:n].reshape(n, a.n_head, a.head_dim_v)
-        gattn.attention(att, b["probs"][:n], q3, self.k_cache[il], self.v_cache[il], p0, a.kq_scale)
+        gattn.attention(att, b["probs"][:n], q3, self.k_cache[il], self.v_cache[il], p0, a.kq_scale, stream=self.st)
         self._linear(w["attn_output"], b["tmp"], b["att"], n)
 
     def _dense_ffn(self, w: dict, n: int) -> None:
         b = self.buf
         self._linear(w["ffn_gate"], b["eg"], b["hn"], n)
         self._linear(w["ffn_up"], b["eu"], b["hn"], n)
-        ops.swiglu(b["eh"][:n], b["eg"][:n], b["eu"][:n])
+        ops.swiglu(b["eh"][:n], b["eg"][:n], b["eu"][:n], stream=self.st)
         self._linear(w["ffn_down"], b["tmp"], b["eh"], n)
 
     def _moe(self, blk, w: dict, n: int) -> None:
@@ -184,28 +186,34 @@ class GpuRunner:
         if k != b["ids"].shape[1]:  # set_expert_used lowered k: contiguous views of the first n*k entries
             ids_d = b["ids"].reshape(-1)[:n * k].reshape(n, k)
             wts_d = b["wts"].reshape(-1)[:n * k].reshape(n, k)
-        router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale)
-        ids, wts = ids_d.copy_to_host(), wts_d.copy_to_host()
+        router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale, stream=self.st)
+        ids, wts = ids_d.copy_to_host(stream=self.st), wts_d.copy_to_host(stream=self.st)
+        self.st.synchronize()
         m.store.note_selected(il, ids)
+        self.experts.ready(il, self.st)
         self.experts.fill_free(il, ids)
         slot = self.experts.resident(il)[ids]  # i32[n, k]: VRAM slot or -1
+        cpu = slot < 0
+        h = b["hn"][:n].copy_to_host(stream=self.st) if cpu.any() else None  # before the expert kernels queue
         tmp = b["tmp"][:n]
-        tmp.copy_to_device(np.zeros((n, a.n_embd), np.float32))
-        tok, j = np.nonzero(slot >= 0)  # token-major, slot order within a token
+        ops.fill(tmp, 0.0, stream=self.st)
+        tok, j = np.nonzero(~cpu)  # token-major, slot order within a token
         self.pairs["gpu"] += tok.size
         self.pairs["cpu"] += slot.size - tok.size
         if tok.size:
             self._vram_experts(il, n, tok, slot[tok, j], wts[tok, j])
-        cpu = slot < 0
-        if cpu.any():
-            part = self._cpu_experts(il, b["hn"][:n].copy_to_host(), ids, wts, cpu)
-            ops.add(tmp, tmp, self.cuda.to_device(part))
-        self.experts.update(il, ids)
+        if h is not None:  # the CPU experts run while the device works on its own
+            part = self._cpu_experts(il, h, ids, wts, cpu)
+            ops.add(tmp, tmp, self.cuda.to_device(part, stream=self.st), stream=self.st)
+        self.experts.update(il, ids, self.st)
 
     def _vram_experts(self, il: int, n: int, tok, slots, wts) -> None:
         """The (token, expert) pairs tok/slots (token-major) on the device, sorted by expert for the
         matmuls (a batch then decodes each weight unit once per tile of pairs), summed per token."""
-        b, g, to_dev = self.buf, tok.size, self.cuda.to_device
+        b, g = self.buf, tok.size
+
+        def to_dev(arr):
+            return self.cuda.to_device(arr, stream=self.st)
         order = np.argsort(slots, kind="stable")
         perm = np.empty(g, np.int32)
         perm[order] = np.arange(g, dtype=np.int32)  # row of pair p in the sorted outputs
@@ -213,12 +221,12 @@ class GpuRunner:
         start = to_dev(np.searchsorted(tok, np.arange(n + 1)).astype(np.int32))
         stack, q = self.experts.stack, self.qtypes
         n_ff = self.experts.rows[il, "ffn_up_exps"]
-        gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff)
-        gathered_matvec(q["ffn_up_exps"], b["eu"][:g], b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff)
-        ops.swiglu(b["eh"][:g], b["eg"][:g], b["eu"][:g])
+        gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff, stream=self.st)
+        gathered_matvec(q["ffn_up_exps"], b["eu"][:g], b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff, stream=self.st)
+        ops.swiglu(b["eh"][:g], b["eg"][:g], b["eu"][:g], stream=self.st)
         gathered_matvec(q["ffn_down_exps"], b["ey"][:g], b["eh"][:g], stack(il, "ffn_down_exps"), sid,
-                        b["arange"][:g], self.args.n_embd)
-        ops.weighted_sum(b["tmp"][:n], b["ey"][:g], to_dev(perm), start, to_dev(wts.astype(np.float32)))
+                        b["arange"][:g], self.args.n_embd, stream=self.st)
+        ops.weighted_sum(b["tmp"][:n], b["ey"][:g], to_dev(perm), start, to_dev(wts.astype(np.float32)), stream=self.st)
 
     def _cpu_experts(self, il: int, h: np.ndarray, ids, wts, cpu) -> np.ndarray:
         """f32[n, n_embd]: the sum of the CPU-side selections (cpu: bool[n, k]) with the CPU kernels."""

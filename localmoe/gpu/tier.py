@@ -8,8 +8,13 @@ the initial fill, not counted as a move), and a selected expert whose score beat
 the lowest-scoring resident one replaces it, at most MAX_MOVES per layer and step.
 A profile (--expert-profile) seeds the scores and the first residents.
 
-Moves copy from the file mapping after the layer's compute, on the same stream
-(synchronous for now; pinned buffers and a copy stream are the next step).
+First-use fills copy on the compute stream (the step needs them at once). Evictions
+happen after the layer's step and are asynchronous: the expert's rows go from the file
+mapping into a ring of pinned host buffers, then to the slot on the tier's copy stream,
+which first waits for an event recorded on the compute stream after the layer's kernels
+(the old expert's last readers); the layer's next step makes the compute stream wait for
+the copy's event (`ready`) before its kernels. The host waits only when it reuses a
+pinned buffer whose copy is still in flight.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 from localmoe.planner.policy import make_policy
 
 MAX_MOVES = 2  # per layer and step: bounds the host-to-device traffic of one token
+N_STAGING = 4  # pinned host buffers in the ring (each the largest expert tensor)
 
 
 class VramExperts:
@@ -31,6 +37,11 @@ class VramExperts:
         self.expert_in = {}  # layer -> i64[slots]: expert in each slot or -1
         self.policies = {}
         self.moves = 0
+        self.cuda = cuda
+        self.copy_stream = cuda.stream()
+        self.pending = {}   # layer -> event recorded on the copy stream after its moves
+        self._staging = []  # ring of (pinned u8[max tensor bytes], event of its last copy or None)
+        self._next = 0
         for le in plan.fp.layers:
             n = plan.slots[le.layer]
             self.slot_of[le.layer] = np.full(self.n_expert, -1, np.int32)
@@ -59,6 +70,12 @@ class VramExperts:
     def stack(self, layer: int, name: str):
         return self.stacks[layer, name]
 
+    def ready(self, layer: int, stream) -> None:
+        """Before the layer's step: `stream` waits (on the device) for the layer's pending moves."""
+        ev = self.pending.pop(layer, None)
+        if ev is not None:
+            ev.wait(stream)
+
     def fill_free(self, layer: int, ids: np.ndarray) -> None:
         """Before the layer's step: selected experts ids i32[n_tok, k] go into free slots (first
         use, no eviction), so that they run on the device in this very step."""
@@ -71,8 +88,9 @@ class VramExperts:
                 return
             self._load(layer, int(e), slot)
 
-    def update(self, layer: int, ids: np.ndarray) -> None:
-        """After the layer's step: score the selections ids i32[n_tok, k], then promote."""
+    def update(self, layer: int, ids: np.ndarray, stream=0) -> None:
+        """After the layer's step, whose kernels are queued on `stream`: score the selections
+        ids i32[n_tok, k], then promote (asynchronously, see the module notes)."""
         if layer not in self.policies:
             return
         pol, slot_of, held = self.policies[layer], self.slot_of[layer], self.expert_in[layer]
@@ -80,6 +98,7 @@ class VramExperts:
         if held.size == 0:
             return
         missing = np.unique(ids[slot_of[ids] < 0])
+        after_step = None
         for e in missing[np.argsort(-pol.score[missing], kind="stable")][:MAX_MOVES]:
             slot = self._free_slot(layer)
             if slot < 0:
@@ -88,20 +107,51 @@ class VramExperts:
                     break
                 slot_of[held[worst]] = -1
                 slot = worst
-            self._load(layer, int(e), slot)
+            if after_step is None:
+                after_step = self.cuda.event()
+                after_step.record(stream)
+                after_step.wait(self.copy_stream)
+            self._load(layer, int(e), slot, self.copy_stream)
             self.moves += 1
+        if after_step is not None:
+            done = self.cuda.event()
+            done.record(self.copy_stream)
+            self.pending[layer] = done
 
     def _free_slot(self, layer: int) -> int:
         free = np.flatnonzero(self.expert_in[layer] < 0)
         return int(free[0]) if free.size else -1
 
-    def _load(self, layer: int, e: int, slot: int) -> None:
+    def _load(self, layer: int, e: int, slot: int, stream=None) -> None:
+        """Expert e's rows into VRAM slot `slot`: synchronously (stream None), or through a
+        pinned buffer on `stream`."""
         for (il, name), dev in self.stacks.items():
             if il == layer:
                 r = self.rows[il, name]
-                dev[slot * r:(slot + 1) * r].copy_to_device(np.ascontiguousarray(self.src[il, name][e]))
+                src = self.src[il, name][e]
+                if stream is None:
+                    dev[slot * r:(slot + 1) * r].copy_to_device(np.ascontiguousarray(src))
+                else:
+                    entry = self._stage(src)
+                    dev[slot * r:(slot + 1) * r].copy_to_device(entry[0][:src.nbytes].reshape(src.shape),
+                                                                stream=stream)
+                    entry[1] = self.cuda.event()  # the pinned buffer is free again once this fires
+                    entry[1].record(stream)
         self.slot_of[layer][e] = slot
         self.expert_in[layer][slot] = e
+
+    def _stage(self, src: np.ndarray) -> list:
+        """The next [pinned buffer, event] of the ring holding src's bytes (after waiting for the
+        buffer's last copy); the caller queues the copy and sets the event."""
+        if not self._staging:
+            size = max(a[0].nbytes for a in self.src.values())
+            self._staging = [[self.cuda.pinned_array(size, np.uint8), None] for _ in range(N_STAGING)]
+        entry = self._staging[self._next]
+        self._next = (self._next + 1) % len(self._staging)
+        if entry[1] is not None:
+            entry[1].synchronize()
+        np.copyto(entry[0][:src.nbytes].reshape(src.shape), src)
+        return entry
 
     def nbytes(self) -> int:
         return sum(int(d.size) for d in self.stacks.values())
