@@ -73,14 +73,14 @@ class Model:
             self._start_gpu(device, gpu_budget, policy, expert_profile)
 
     def _start_gpu(self, device, gpu_budget, policy, expert_profile) -> None:
-        from localmoe.gpu.device import resolve_device
-        if resolve_device(device, gpu_budget) != "cuda":
-            return
-        from localmoe.gpu.runner import GpuRunner
-        from localmoe.planner import DEFAULT_POLICY, load_profile
-        profile = None if expert_profile is None else load_profile(expert_profile, self.args.n_layer,
-                                                                   self.args.n_expert)
         try:
+            from localmoe.gpu.device import resolve_device
+            if resolve_device(device, gpu_budget) != "cuda":
+                return
+            from localmoe.gpu.runner import GpuRunner
+            from localmoe.planner import DEFAULT_POLICY, load_profile
+            profile = None if expert_profile is None else load_profile(expert_profile, self.args.n_layer,
+                                                                       self.args.n_expert)
             self.gpu = GpuRunner(self, gpu_budget, policy or DEFAULT_POLICY, profile)
         except BaseException:
             self.close()

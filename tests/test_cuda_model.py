@@ -125,3 +125,19 @@ def test_vram_tier_lfu_moves(f16_model):
             for e in (1, 3):
                 s = tier.resident(il)[e]
                 assert np.array_equal(host[s * r:(s + 1) * r], tier.src[il, name][e])
+
+
+def test_set_expert_used_on_gpu(f16_model):
+    """set_expert_used(1) on the device path gives the CPU path's k=1 logits (2e-3 of max);
+    raising k past what the device buffers hold is a clear UnsupportedError."""
+    from localmoe.errors import UnsupportedError
+    with localmoe.load(f16_model, n_ctx=32) as m:
+        m.set_expert_used(1)
+        ref = m.eval(TOKENS[:2])
+    with localmoe.load(f16_model, n_ctx=32, gpu_budget="100%") as m:
+        m.set_expert_used(1)
+        got = m.eval(TOKENS[:2])
+        m.set_expert_used(3)
+        with pytest.raises(UnsupportedError, match="load with n_expert_used=3"):
+            m.eval(TOKENS[:1])
+    assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()

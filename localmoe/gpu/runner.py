@@ -182,6 +182,9 @@ class GpuRunner:
         m, a, b, il = self.model, self.args, self.buf, blk.il
         self._linear(w["ffn_gate_inp"], b["router"], b["hn"], n)
         k = a.n_expert_used
+        if k > b["ids"].shape[1]:
+            raise UnsupportedError(f"--device cuda: {k} experts per token is more than the {b['ids'].shape[1]} "
+                                   f"the device buffers were sized for; load with n_expert_used={k}")
         ids_d, wts_d = b["ids"][:n, :k], b["wts"][:n, :k]
         if k != b["ids"].shape[1]:  # set_expert_used lowered k: contiguous views of the first n*k entries
             ids_d = b["ids"].reshape(-1)[:n * k].reshape(n, k)
