@@ -49,8 +49,14 @@ def report_stats(model, show_stats: bool, stats_out) -> None:
         return
     from localmoe.planner import format_stats, save_stats
     stats = model.store.stats()
+    gpu = getattr(model, "gpu", None)
+    if gpu is not None:
+        stats["gpu"] = g = gpu.stats()
     if show_stats:
         click.echo(format_stats(stats), err=True)
+        if gpu is not None:
+            click.echo(f"GPU tier: {g['gpu_pairs']} expert selections on the device, {g['cpu_pairs']} on the CPU, "
+                       f"{g['gpu_expert_moves']} experts moved into VRAM", err=True)
     if stats_out:
         save_stats(stats_out, stats)
 
