@@ -186,3 +186,28 @@ def test_hardware_launch_shapes():
                         "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid)"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _cuda_home():
+    import glob
+    import os
+    for home in [os.environ.get("CUDA_HOME", "")] + sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if home and glob.glob(f"{home}/lib*/libnvvm.so*") and glob.glob(f"{home}/nvvm/libdevice/libdevice*.bc"):
+            return home
+    return None
+
+
+@pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (libnvvm, libdevice) to compile with")
+def test_kernels_compile_to_ptx():
+    """The simulator never types the kernels; NVVM does: every kernel (each matvec type at tile 1
+    and TILE, with the hardware launch shapes) compiles to sm_80 PTX, in a child process
+    without the simulator."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "LOCALMOE_CUDA_LAUNCH")}
+    env["CUDA_HOME"] = _cuda_home()
+    r = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).with_name("cuda_ptx.py"))],
+                       capture_output=True, text=True, env=env, timeout=600)
+    n_ok = sum(line.startswith("ok ") for line in r.stdout.splitlines())
+    assert r.returncode == 0 and n_ok == 22, r.stdout + r.stderr[-3000:]
