@@ -189,7 +189,8 @@ class GpuRunner:
         if k != b["ids"].shape[1]:  # set_expert_used lowered k: contiguous views of the first n*k entries
             ids_d = b["ids"].reshape(-1)[:n * k].reshape(n, k)
             wts_d = b["wts"].reshape(-1)[:n * k].reshape(n, k)
-        router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale, stream=self.st)
+        router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale,
+                     stream=self.st)
         ids, wts = ids_d.copy_to_host(stream=self.st), wts_d.copy_to_host(stream=self.st)
         self.st.synchronize()
         m.store.note_selected(il, ids)
@@ -222,10 +223,12 @@ class GpuRunner:
         perm[order] = np.arange(g, dtype=np.int32)  # row of pair p in the sorted outputs
         sid, xrow = to_dev(slots[order].astype(np.int32)), to_dev(tok[order].astype(np.int32))
         start = to_dev(np.searchsorted(tok, np.arange(n + 1)).astype(np.int32))
-        stack, q = self.experts.stack, self.qtypes
+        stack, q, st = self.experts.stack, self.qtypes, self.st
         n_ff = self.experts.rows[il, "ffn_up_exps"]
-        gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff, stream=self.st)
-        gathered_matvec(q["ffn_up_exps"], b["eu"][:g], b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff, stream=self.st)
+        gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff,
+                        stream=st)
+        gathered_matvec(q["ffn_up_exps"], b["eu"][:g], b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff,
+                        stream=st)
         ops.swiglu(b["eh"][:g], b["eg"][:g], b["eu"][:g], stream=self.st)
         gathered_matvec(q["ffn_down_exps"], b["ey"][:g], b["eh"][:g], stack(il, "ffn_down_exps"), sid,
                         b["arange"][:g], self.args.n_embd, stream=self.st)
