@@ -19,7 +19,7 @@ from .plan import offload_kwargs, offload_options, report_stats
 @offload_options
 def run_cmd(model, prompt, escape, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
             n_expert_used, n_ctx, stop, ram_budget, cache_policy, expert_profile, no_prefetch, show_stats,
-            stats_out):
+            stats_out, gpu_budget, device):
     """Generate text from MODEL (default: the shipped Shakespeare model), streaming tokens as they come."""
     from localmoe.model import load
     from localmoe.shipped import default_model_path
@@ -27,7 +27,7 @@ def run_cmd(model, prompt, escape, n_predict, temp, top_k, top_p, min_p, repeat_
     if escape:
         prompt, stop = process_escapes(prompt), [process_escapes(s) for s in stop]
     m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used,
-             **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch))
+             **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch, gpu_budget, device))
     for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
                             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop)):
         click.echo(piece, nl=False)

@@ -30,10 +30,13 @@ class Timings:
 
 class Model:
     def __init__(self, gguf_file, n_ctx: int | None = None, n_expert_used: int | None = None,
-                 ram_budget=None, policy: str | None = None, expert_profile=None, prefetch: bool = True):
+                 ram_budget=None, policy: str | None = None, expert_profile=None, prefetch: bool = True,
+                 gpu_budget=None, device: str | None = None):
         """ram_budget (bytes or "6G"): hold experts in a budgeted cache and stream the rest
         from disk (localmoe.planner; policy "lru"/"lfu", expert_profile: saved --stats-out JSON,
-        prefetch: guess the next layer's experts and read them on a background thread)."""
+        prefetch: guess the next layer's experts and read them on a background thread).
+        device "cpu" / "cuda" / "auto" (None: cuda when gpu_budget is given); gpu_budget (bytes,
+        "8G" or "N%" of expert bytes; None: all): the dense part and hot experts in VRAM (localmoe.gpu)."""
         self.file = gguf_file
         mod = arch_module(gguf_file.arch)
         self.args = a = mod.ModelArgs.from_gguf(gguf_file, n_expert_used)
@@ -41,8 +44,9 @@ class Model:
         if self.n_ctx < 1:
             raise LocalMoEError(f"n_ctx must be >= 1, got {n_ctx}")
         self.plan = None
+        gpu = device not in (None, "cpu") or gpu_budget is not None
         if ram_budget is None:
-            if policy is not None or expert_profile is not None or not prefetch:
+            if (not gpu and (policy is not None or expert_profile is not None)) or not prefetch:
                 raise LocalMoEError("cache policy, expert profile and prefetch options need a RAM budget "
                                     "(ram_budget=... / --ram-budget)")
             top, blocks = load_tensors(gguf_file)
@@ -64,6 +68,23 @@ class Model:
         self._tokenizer = None
         self.timings = Timings()
         self.closed = False
+        self.gpu = None  # localmoe.gpu.runner.GpuRunner when the CUDA device runs the model
+        if gpu:
+            self._start_gpu(device, gpu_budget, policy, expert_profile)
+
+    def _start_gpu(self, device, gpu_budget, policy, expert_profile) -> None:
+        try:
+            from localmoe.gpu.device import resolve_device
+            if resolve_device(device, gpu_budget) != "cuda":
+                return
+            from localmoe.gpu.runner import GpuRunner
+            from localmoe.planner import DEFAULT_POLICY, load_profile
+            profile = None if expert_profile is None else load_profile(expert_profile, self.args.n_layer,
+                                                                       self.args.n_expert)
+            self.gpu = GpuRunner(self, gpu_budget, policy or DEFAULT_POLICY, profile)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Release what the model holds outside Python's heap: the expert store's prefetch
@@ -71,6 +92,8 @@ class Model:
         if self.closed:
             return
         self.closed = True
+        if self.gpu is not None:
+            self.gpu.close()
         self.store.close()
         self.file.close()
 
@@ -99,6 +122,8 @@ class Model:
         if bad.size:
             raise LocalMoEError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.n_vocab - 1})")
         self.cache.check_room(ids.size)
+        if self.gpu is not None:
+            return self.gpu.forward(ids, all_logits)
         out = []
         for s in range(0, ids.size, N_UBATCH):
             h = self._hidden(ids[s:s + N_UBATCH])
@@ -209,9 +234,10 @@ def load(path, n_threads: int | None = None, n_ctx: int | None = None,
          n_expert_used: int | None = None, **planner_opts) -> Model:
     """Open a GGUF MoE model. n_expert_used overrides {arch}.expert_used_count like
     llama.cpp's --override-kv; n_threads sets numba's thread count. planner_opts:
-    ram_budget, policy, expert_profile, prefetch (see Model; localmoe.planner)."""
+    ram_budget, policy, expert_profile, prefetch (see Model; localmoe.planner), gpu_budget, device
+    (localmoe.gpu)."""
     from localmoe.gguf_file import open_gguf
-    unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch"}
+    unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch", "gpu_budget", "device"}
     if unknown:
         raise LocalMoEError(f"unknown load options: {', '.join(sorted(unknown))}")
     if planner_opts.get("ram_budget") is not None:
