@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEBUG = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
 START_TIMEOUT = 120.0   # imports; the first case also loads kernels and the shipped model
 FIRST_CASE_EXTRA = 120.0
+FATAL = re.compile(r"Fatal Python error|panicked at")   # a worker that printed this is finished
+FATAL_GRACE = 5.0
 
 
 class Stop(BaseException):
@@ -111,6 +113,23 @@ class Worker:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
+    def _wait(self, timeout: float, log_start: int) -> tuple[dict | None, bool]:
+        """(the worker's answer or None, whether it printed a fatal error and then stayed alive)."""
+        end, fatal_at = time.monotonic() + timeout, None
+        while True:
+            left = end - time.monotonic()
+            res = self._line(min(1.0, max(left, 0.0)))
+            if res is not None or self.proc.poll() is not None:
+                return res, False
+            if fatal_at is None:
+                self.log.seek(log_start)
+                if FATAL.search(self.log.read().decode("utf-8", "replace")):
+                    fatal_at = time.monotonic()
+            elif time.monotonic() - fatal_at > FATAL_GRACE:
+                return None, True
+            if left <= 0:
+                return None, False
+
     def _log_tail(self, n: int = 4000) -> str:
         self.log.seek(0, os.SEEK_END)
         size = self.log.tell()
@@ -146,7 +165,7 @@ class Worker:
         except BrokenPipeError:
             pass
         t0 = time.monotonic()
-        res = self._line(timeout)
+        res, died_hung = self._wait(timeout, log_start)
         if res is not None:
             outcome = res["outcome"]
             kind = f"{res['type']} at {res['frame']}" if outcome == "error" else res.get("type", "")
@@ -159,12 +178,21 @@ class Worker:
         stderr = self.log.read().decode("utf-8", "replace")
         self.stop()
         seconds = round(time.monotonic() - t0, 3)
+        if died_hung:   # aborted, then never exited (seen with glibc's abort under numba's threads)
+            return Result("signal", f"SIGABRT: {_first_message(stderr)}",
+                          "(it then hung until killed) " + _stack(stderr), seconds)
         if hung:
             return Result("hang", f"hang > {timeout:.0f} s", stderr[-1500:], seconds)
         if rc < 0:
             name = signal.Signals(-rc).name
-            return Result("signal", f"{name}: {_first_message(stderr)}", stderr[-1500:], seconds)
-        return Result("exit", f"exit {rc}: {_first_message(stderr)}", stderr[-1500:], seconds)
+            return Result("signal", f"{name}: {_first_message(stderr)}", _stack(stderr), seconds)
+        return Result("exit", f"exit {rc}: {_first_message(stderr)}", _stack(stderr), seconds)
+
+
+def _stack(stderr: str) -> str:
+    """The glibc / panic message and the innermost Python frames faulthandler printed."""
+    frames = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith('File "')]
+    return f"{_first_message(stderr)}; most recent call first: " + " < ".join(frames[:4])
 
 
 def _first_message(stderr: str) -> str:
