@@ -42,8 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEBUG = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
-START_TIMEOUT = 120.0   # imports; the first case also loads kernels and the shipped model
-FIRST_CASE_EXTRA = 120.0
+START_TIMEOUT = 600.0   # imports, then the warm-up cases (kernels from numba's cache, or compiled)
 FATAL = re.compile(r"Fatal Python error|panicked at")   # a worker that printed this is finished
 FATAL_GRACE = 5.0
 
@@ -68,10 +67,13 @@ class Result:
 class Worker:
     """One worker subprocess; run() restarts it after a crash."""
 
-    def __init__(self, mem_limit_mb: int, malloc_check: bool):
-        self.mem_limit_mb, self.malloc_check = mem_limit_mb, malloc_check
+    def __init__(self, mem_limit_mb: int, malloc_check: bool, recycle: int = 0, warmup=()):
+        """warmup: benign cases run (untimed) by every new process before the first real one, so
+        that loading kernels and models is not counted against a case's timeout."""
+        self.mem_limit_mb, self.malloc_check, self.recycle = mem_limit_mb, malloc_check, recycle
+        self.warmup = list(warmup)
         self.proc = None
-        self.fresh = True
+        self.n_cases = 0
 
     def _start(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="localmoe-fuzz-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK)
@@ -93,12 +95,15 @@ class Worker:
             pass_fds=(w,), preexec_fn=setup)
         os.close(w)
         self.rfd, self.buf = r, b""
-        self.fresh = True
         ready = self._line(START_TIMEOUT)
         if ready is None or "ready" not in ready:
             tail = self._log_tail()
             self.stop()
             raise RuntimeError(f"fuzz worker did not start: {tail}")
+        for case in self.warmup:
+            res = self._send(case, START_TIMEOUT)
+            if res.crash:
+                raise RuntimeError(f"fuzz worker's warm-up case {case} crashed: {res.kind} {res.detail}")
 
     def _line(self, timeout: float) -> dict | None:
         end = time.monotonic() + timeout
@@ -152,11 +157,15 @@ class Worker:
         self.proc = None
 
     def run(self, case: dict, timeout: float) -> Result:
+        if self.recycle and self.n_cases >= self.recycle:
+            self.stop()   # bound what one process accumulates (caches, fragmentation, unseen damage)
         if self.proc is None:
             self._start()
-        if self.fresh:
-            timeout += FIRST_CASE_EXTRA
-        self.fresh = False
+            self.n_cases = 0
+        self.n_cases += 1
+        return self._send(case, timeout)
+
+    def _send(self, case: dict, timeout: float) -> Result:
         self.log.seek(0, os.SEEK_END)
         log_start = self.log.tell()
         try:
@@ -252,7 +261,7 @@ class Campaign:
         timeout = self.args.timeout or target.timeout
 
         def make_worker():
-            return Worker(self.args.mem_limit_mb, not self.args.no_malloc_check)
+            return Worker(self.args.mem_limit_mb, not self.args.no_malloc_check, self.args.recycle, target.warmup)
 
         def driver(slot: int):
             worker = make_worker()
@@ -311,7 +320,7 @@ def replay(paths, args) -> int:
     for p in paths:
         case = json.loads(Path(p).read_text())
         case.pop("_result", None)
-        w = Worker(args.mem_limit_mb, not args.no_malloc_check)
+        w = Worker(args.mem_limit_mb, not args.no_malloc_check, 0, TARGETS[case["target"]].warmup)
         try:
             res = w.run(case, args.timeout or TARGETS[case["target"]].timeout)
         finally:
@@ -336,6 +345,7 @@ def main(argv=None) -> int:
     p.add_argument("--crash-dir", default=os.path.join(tempfile.gettempdir(), "localmoe-fuzz-crashes"))
     p.add_argument("--keep", type=int, default=3, help="crashing cases saved per crash class")
     p.add_argument("--mem-limit-mb", type=int, default=4096, help="address-space limit of a worker (0: none)")
+    p.add_argument("--recycle", type=int, default=200, help="start a fresh worker after this many cases")
     p.add_argument("--no-malloc-check", action="store_true", help="run workers without glibc's malloc checks")
     p.add_argument("--replay", nargs="+", metavar="CASE.json", help="run saved cases, one fresh worker each")
     args = p.parse_args(argv)

@@ -200,7 +200,7 @@ def run_gguf(case, ctx) -> None:
 
 @st.composite
 def strategy_metadata(draw, bases):
-    base = draw(st.sampled_from(bases))
+    base = draw(st.sampled_from(bases + (["shipped"] * len(bases) if "shipped" in bases else [])))  # half: fast
     _, h = base_header(base)
     arch = next(kv for kv in h.kvs if kv.key == "general.architecture").raw[12:].decode()
     have = {kv.key: kv_type_name(kv) for kv in h.kvs}
@@ -224,7 +224,7 @@ def strategy_metadata(draw, bases):
     tops = draw(st.one_of(st.just([]), st.lists(tensor_op, max_size=2))) if draw(st.integers(0, 3)) == 0 else []
     n_ctx = draw(st.one_of(st.none(), st.sampled_from((1, 2, 8, 64, 600))))
     return {"target": "metadata", "base": base, "kv": ops, "tensors": [list(t) for t in tops],
-            "n_ctx": n_ctx, "batch": draw(st.sampled_from((8, 100, 512))), "tokenizer": any(o[1].startswith("tokenizer.") for o in ops) or draw(st.booleans())}
+            "n_ctx": n_ctx, "batch": draw(st.sampled_from((8, 512, 512))), "tokenizer": any(o[1].startswith("tokenizer.") for o in ops) or draw(st.booleans())}
 
 
 def apply_metadata(h: fg.Header, case) -> fg.Header:
@@ -290,6 +290,18 @@ NAMES = ("messages", "message", "m", "loop", "x", "bos_token", "eos_token", "add
          "raise_exception", "strftime_now", "namespace", "range", "cycler", "joiner", "lipsum", "dict",
          "tools", "self", "caller", "ns")
 BIG = (0, 1, 2, 10, 100, 1000, 10**5, 10**6, 10**9, 10**12, 10**18, -1, 2**63)
+# known-hostile pieces (a fuzzer's dictionary): the generator combines them with the rest
+HOSTILE = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{{ 'x' * 10**9 }}", "{{ 'x' * 100000000 }}", "{{ [1] * 10**8 }}", "{{ '%s' % ('x' * 10**8) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{{ range(100000)|list|join }}", "{{ lipsum(10**6) }}", "{{ 'x'|center(10**9) }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ cycler.__init__.__globals__ }}",
+    "{{ self._TemplateReference__context }}", "{{ messages.append(1) }}", "{{ 'a'.format_map({}) }}",
+    "{{ raise_exception('no') }}", "{{ strftime_now('%Y' * 10**6) }}", "{{ messages|tojson(indent=10**9) }}",
+    "{{ (messages * 10**6)|tojson }}", "{% break %}", "{% continue %}", "{{ loop }}", "{{ caller() }}",
+)
 
 
 def _expr():
@@ -319,7 +331,7 @@ def _body():
     leaf = st.one_of(st.text(max_size=10).map(lambda s: s.replace("{", "").replace("%", "")),
                      e.map(lambda x: "{{ " + x + " }}"),
                      e.map(lambda x: "{% set y = " + x + " %}"),
-                     st.just("{{ f(3) }}"), st.just("{% break %}"))
+                     st.just("{{ f(3) }}"), st.sampled_from(HOSTILE))
     return st.recursive(leaf, lambda b: st.one_of(
         st.lists(b, max_size=4).map("".join),
         st.tuples(e, b).map(lambda t: "{% for i in " + t[0] + " %}" + t[1] + "{% endfor %}"),
@@ -392,11 +404,14 @@ def strategy_chat_load(draw, bases):
     if draw(st.integers(0, 7)) == 0:
         return {"target": "chat_load", "text": draw(st.one_of(st.text(max_size=80), _deep().map(str)))}
     msg = st.one_of(MESSAGE, JSON_ANY)
+    number = st.one_of(st.sampled_from(RAW_NUMBERS).map(Raw), st.integers(-2**70, 2**70), st.floats(),
+                       st.sampled_from((-1, 0, 1, 40, 0.5, 1.5, 2**63, 2**64)))
+    option = st.one_of(number, number, JSON_ANY)
     doc = {"format": draw(st.one_of(st.just(FORMAT), JSON_ANY)),
            "version": draw(st.one_of(st.just(VERSION), JSON_ANY)),
            "messages": draw(st.one_of(st.lists(msg, max_size=4), JSON_ANY)),
            "options": draw(st.one_of(
-               st.dictionaries(st.sampled_from(SAMPLING + ("max_tokens", "other")), JSON_ANY, max_size=4),
+               st.dictionaries(st.sampled_from(SAMPLING + ("max_tokens", "other")), option, max_size=4),
                JSON_ANY))}
     for k in draw(st.lists(st.sampled_from(list(doc)), max_size=1)):
         del doc[k]
@@ -484,13 +499,25 @@ class Target:
     run: Callable                 # (case, ctx) -> None, in a worker; LocalMoEError = expected
     timeout: float                # seconds before a case counts as a hang
     available: Callable = lambda: None   # None, or why the target is skipped
+    warmup: tuple = ()            # benign cases a new worker runs untimed (kernels, models, tokenizer)
 
 
+def _plain_model(base: str) -> dict:
+    return {"target": "metadata", "base": base, "kv": [], "tensors": [], "n_ctx": None, "batch": 8,
+            "tokenizer": True}
+
+
+_HI = [{"role": "user", "content": "hi"}]
 TARGETS = {t.name: t for t in (
     Target("gguf", strategy_gguf, run_gguf, 20),
-    Target("metadata", strategy_metadata, run_metadata, 90),
-    Target("templates", strategy_templates, run_templates, 15),
-    Target("chat_load", strategy_chat_load, run_chat_load, 60),
-    Target("profile", strategy_profile, run_profile, 60),
+    Target("metadata", strategy_metadata, run_metadata, 90,
+           warmup=(_plain_model("shipped"), _plain_model("tiny:qwen3moe"))),   # Q8_0 and F16 kernels
+    Target("templates", strategy_templates, run_templates, 15,
+           warmup=({"target": "templates", "source": "", "messages": _HI, "bos": "", "eos": ""},)),
+    Target("chat_load", strategy_chat_load, run_chat_load, 60,
+           warmup=({"target": "chat_load", "text": '{"format":"localmoe-chat","version":1,"messages":[]}'},)),
+    Target("profile", strategy_profile, run_profile, 60,
+           warmup=({"target": "profile", "text": json.dumps({"version": 1, "counts": [[0] * 8] * 6}), "n_layer": 6,
+                    "n_expert": 8, "via_model": True},)),
     Target("server", strategy_server, run_server, 60, _server_available),
 )}
