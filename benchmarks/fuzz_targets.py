@@ -394,28 +394,34 @@ def _deep(depth_kinds=("[", "{\"a\":")) -> st.SearchStrategy:
 
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                      st.text(max_size=20), st.sampled_from(RAW_NUMBERS).map(Raw), _deep())
+                      st.text(max_size=20), st.sampled_from(RAW_NUMBERS).map(Raw))
 JSON_ANY = st.recursive(JSON_LEAF, lambda c: st.one_of(st.lists(c, max_size=4),
                                                       st.dictionaries(st.text(max_size=8), c, max_size=4)),
                         max_leaves=10)
+NUMBER = st.one_of(st.sampled_from(RAW_NUMBERS).map(Raw), st.integers(-2**70, 2**70), st.floats(),
+                   st.sampled_from((-1, 0, 1, 40, 0.5, 1.5, 2**63, 2**64)))
+
+
+@st.composite
+def hostile(draw, good: st.SearchStrategy):
+    """Mostly `good` (so that one bad part at a time reaches the checks behind the others);
+    sometimes any JSON, an odd number, or deep nesting."""
+    pick = draw(st.sampled_from((good,) * 29 + (JSON_ANY, NUMBER, _deep())))  # hypothesis favours the first
+    return draw(pick)
 
 
 @st.composite
 def strategy_chat_load(draw, bases):
     from localmoe.chat import FORMAT, SAMPLING, VERSION
-    if draw(st.integers(0, 7)) == 0:
+    if draw(st.integers(0, 9)) == 0:
         return {"target": "chat_load", "text": draw(st.one_of(st.text(max_size=80), _deep().map(str)))}
-    msg = st.one_of(MESSAGE, JSON_ANY)
-    number = st.one_of(st.sampled_from(RAW_NUMBERS).map(Raw), st.integers(-2**70, 2**70), st.floats(),
-                       st.sampled_from((-1, 0, 1, 40, 0.5, 1.5, 2**63, 2**64)))
-    option = st.one_of(number, number, JSON_ANY)
-    doc = {"format": draw(st.one_of(st.just(FORMAT), JSON_ANY)),
-           "version": draw(st.one_of(st.just(VERSION), JSON_ANY)),
-           "messages": draw(st.one_of(st.lists(msg, max_size=4), JSON_ANY)),
-           "options": draw(st.one_of(
-               st.dictionaries(st.sampled_from(SAMPLING + ("max_tokens", "other")), option, max_size=4),
-               JSON_ANY))}
-    for k in draw(st.lists(st.sampled_from(list(doc)), max_size=1)):
+    msg = hostile(st.fixed_dictionaries({"role": st.sampled_from(("user", "assistant")),
+                                         "content": st.text(max_size=30)}))
+    doc = {"format": draw(hostile(st.just(FORMAT))), "version": draw(hostile(st.just(VERSION))),
+           "messages": draw(hostile(st.lists(msg, max_size=4))),
+           "options": draw(hostile(st.dictionaries(st.sampled_from(SAMPLING + ("max_tokens", "other")),
+                                                   hostile(NUMBER), max_size=4)))}
+    for k in draw(st.lists(st.sampled_from(list(doc)), max_size=1)) if draw(st.integers(0, 9)) == 0 else []:
         del doc[k]
     return {"target": "chat_load", "text": dump(doc)}
 
@@ -435,13 +441,12 @@ def run_chat_load(case, ctx) -> None:
 @st.composite
 def strategy_profile(draw, bases):
     n_layer, n_expert = draw(st.sampled_from(((6, 8), (2, 8), (1, 1), (0, 0))))
-    counts = st.one_of(
-        st.lists(st.lists(st.one_of(st.integers(0, 2**70), JSON_LEAF), min_size=n_expert, max_size=n_expert),
-                 min_size=n_layer, max_size=n_layer),
-        JSON_ANY)
-    doc = draw(st.one_of(st.fixed_dictionaries({"version": JSON_ANY, "counts": counts}),
-                         st.fixed_dictionaries({"counts": counts}), JSON_ANY))
-    text = draw(st.one_of(st.just(dump(doc)), _deep().map(str))) if draw(st.integers(0, 5)) else dump(doc)
+    count = st.sampled_from((st.integers(0, 2**40),) * 45 + (st.integers(-2**70, 2**70), NUMBER, JSON_LEAF)).flatmap(
+        lambda s: s)   # 6 x 8 counts: a bad one in about 1 file of 2
+    counts = hostile(st.lists(st.lists(count, min_size=n_expert, max_size=n_expert),
+                              min_size=n_layer, max_size=n_layer))
+    doc = draw(hostile(st.fixed_dictionaries({"version": hostile(st.just(1)), "counts": counts})))
+    text = dump(doc) if draw(st.integers(0, 9)) else draw(st.text(max_size=40))
     return {"target": "profile", "text": text, "n_layer": n_layer, "n_expert": n_expert,
             "via_model": draw(st.integers(0, 3)) == 0}
 
