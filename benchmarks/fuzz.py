@@ -25,6 +25,7 @@ worker rebuilds files from the base model), ready for tests/fuzz_corpus/.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -221,8 +222,9 @@ class Campaign:
         self.stats = {}      # target -> counters
         self.classes = {}    # (target, kind) -> {"count", "files", "confirmed", "detail"}
         self.lock = threading.Lock()
+        self.failures = []   # harness problems, printed under the table
 
-    def record(self, target: str, case: dict, res: Result, worker_factory) -> None:
+    def record(self, target: str, case: dict, res: Result, worker_factory, timeout: float) -> None:
         with self.lock:
             s = self.stats[target]
             s["inputs"] += 1
@@ -238,7 +240,8 @@ class Campaign:
             if len(c["files"]) < self.args.keep:
                 self.crash_dir.mkdir(parents=True, exist_ok=True)
                 slug = re.sub(r"[^A-Za-z0-9]+", "-", res.kind)[:60].strip("-")
-                path = self.crash_dir / f"{target}-{slug}-{c['count']}.json"
+                tag = hashlib.sha1(res.kind.encode()).hexdigest()[:6]   # slugs of two classes may agree
+                path = self.crash_dir / f"{target}-{slug}-{tag}-{c['count']}.json"
                 path.write_text(json.dumps({**case, "_result": {"outcome": res.outcome, "kind": res.kind,
                                                                 "detail": res.detail[-1500:]}}, indent=1))
                 c["files"].append(str(path))
@@ -246,7 +249,7 @@ class Campaign:
             # a process crash may come from an earlier case's damage: replay this one alone
             w = worker_factory()
             try:
-                again = w.run(case, self.args.timeout or TARGETS_TIMEOUT[target])
+                again = w.run(case, timeout)
             finally:
                 w.stop()
             with self.lock:
@@ -276,12 +279,15 @@ class Campaign:
                         if time.monotonic() >= t_end:
                             raise Stop
                         res = worker.run(case, timeout)
-                        self.record(target.name, case, res, make_worker)
+                        self.record(target.name, case, res, make_worker, timeout)
                     try:
                         one()
                     except Stop:
                         break
                     round_ += 1   # hypothesis ran out of ideas for this seed
+            except Exception as e:   # the harness itself (a worker that cannot start): say so, go on
+                with self.lock:
+                    self.failures.append(f"{target.name} generator {slot} stopped: {type(e).__name__}: {e}")
             finally:
                 worker.stop()
 
@@ -307,10 +313,8 @@ class Campaign:
                 conf = {None: "-", True: "yes", False: "no"}[c["confirmed"]]
                 kind_md = kind.replace("|", "\\|")
                 out.append(f"| {t} | {kind_md} | {c['count']} | {conf} | {c['files'][0] if c['files'] else ''} |")
+        out += [f"\nharness failure: {f[:500]}" for f in self.failures]
         return "\n".join(out)
-
-
-TARGETS_TIMEOUT = {}
 
 
 def replay(paths, args) -> int:
@@ -360,7 +364,6 @@ def main(argv=None) -> int:
     skipped = {t: why for t in names if (why := TARGETS[t].available())}
     run = [TARGETS[t] for t in names if t not in skipped]
     bases = [b for b in args.bases.split(",") if b]
-    TARGETS_TIMEOUT.update({t.name: t.timeout for t in run})
     camp = Campaign(args)
     t0 = time.monotonic()
     try:
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
     print(f"\nfuzz campaign: seed {args.seed}, jobs {args.jobs}, {time.monotonic() - t0:.0f} s, "
           f"crashing cases in {args.crash_dir}\n")
     print(camp.report(skipped))
-    return 0
+    return 1 if camp.failures else 0
 
 
 if __name__ == "__main__":
