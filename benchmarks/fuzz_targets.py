@@ -496,13 +496,16 @@ def _server_client():
     for _ in range(600):
         if client.get("/health").status_code == 200:
             return client
+        if engine.state == "error":
+            raise RuntimeError(f"the server's model did not load: {engine.error}")
         time.sleep(0.1)
     raise RuntimeError("the server's model did not load in 60 s")
 
 
 def run_server(case, ctx) -> None:
     """Expected: any HTTP status below 500; a 5xx or an exception out of the app is a crash.
-    Not run yet: written against the server branch's API, which may still change."""
+    Written against the server branch's Engine and create_app; not yet run end to end (that
+    branch's Engine needs its own localmoe.chat), so expect to adapt it when the branches meet."""
     client = ctx.cached("server", _server_client)
     r = client.post(case["path"], content=case["body"].encode("utf-8", "surrogatepass"),
                     headers={"content-type": "application/json"})
