@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC_DEBUG = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
 START_TIMEOUT = 600.0   # imports, then the warm-up cases (kernels from numba's cache, or compiled)
+REPLAY_EXTRA = 30.0     # --replay without --timeout: the target's timeout plus this for loading
 FATAL = re.compile(r"Fatal Python error|panicked at")   # a worker that printed this is finished
 FATAL_GRACE = 5.0
 
@@ -324,9 +325,9 @@ def replay(paths, args) -> int:
     for p in paths:
         case = json.loads(Path(p).read_text())
         case.pop("_result", None)
-        w = Worker(args.mem_limit_mb, not args.no_malloc_check, 0, TARGETS[case["target"]].warmup)
+        w = Worker(args.mem_limit_mb, not args.no_malloc_check)   # no warm-up: one case, a cold start
         try:
-            res = w.run(case, args.timeout or TARGETS[case["target"]].timeout)
+            res = w.run(case, args.timeout or TARGETS[case["target"]].timeout + REPLAY_EXTRA)
         finally:
             w.stop()
         bad += res.crash
