@@ -131,12 +131,7 @@ class ModelArgs:
             raise GGUFFormatError(f"{a}.attention.head_count={n_head} exceeds {a}.embedding_length={n_embd}")
         n_ctx_train = int_key(g, "context_length", required=True, lo=1)
         n_expert = int_key(g, "expert_count", 0)
-        n_used = int_key(g, "expert_used_count", 0)
-        if n_expert == 0 and (cls.moe_only or n_used):
-            raise GGUFFormatError(f"{a}.expert_count=0, but " + (f"a {a} model has experts" if cls.moe_only
-                                                                else f"{a}.expert_used_count={n_used}"))
-        if n_expert and not 1 <= n_used <= n_expert:
-            raise GGUFFormatError(f"{a}.expert_used_count={n_used} is outside 1..{a}.expert_count={n_expert}")
+        n_used = int_key(g, "expert_used_count", 0)  # checked against n_expert in `check`
         if n_expert_used is not None:
             if not 1 <= n_expert_used <= n_expert:
                 raise UnsupportedError(f"n_expert_used={n_expert_used}: this model has {n_expert} experts "
@@ -168,7 +163,7 @@ class ModelArgs:
         """RoPE as llama.cpp's context sets it up (llama_context ctor: freq_scale, YaRN attn_factor)."""
         scaling = str_key(g, "rope.scaling.type", "linear")
         if scaling not in ("none", "linear", "yarn"):
-            raise UnsupportedError(f"rope scaling {scaling!r} is not supported")
+            raise UnsupportedError(f"{g.arch}.rope.scaling.type={scaling!r} is not supported (have: none, linear, yarn)")
         factor = float_key(g, "rope.scaling.factor", 0.0, nonneg=True)
         freq_scale = 1.0 / factor if factor and scaling != "none" else 1.0
         ext = 1.0 if scaling == "yarn" else 0.0
@@ -239,7 +234,8 @@ class ModelArgs:
         n_rot = self.rope.n_rot
         if n_rot % 2 or not 0 < n_rot <= self.head_dim_k:
             raise GGUFFormatError(f"{self.key('rope.dimension_count', n_rot)} must be even and within "
-                                  f"2..{self.head_dim_k} (the per-head key length)")
+                                  f"2..{self.head_dim_k}, the per-head key length ({a}.attention.key_length, by default "
+                                  f"{a}.embedding_length / {a}.attention.head_count)")
         layers = {int(m.group(1)) for name in g.tensors if (m := _BLK.match(name))}
         beyond = [il for il in layers if il >= n]
         if beyond:
@@ -259,6 +255,12 @@ class ModelArgs:
                     required=False)
         for il in range(n):
             self.check_block(g, il)
+        # after the tensors, so that a wrong expert_count is reported against ffn_gate_inp
+        if self.moe_only and not self.n_expert:
+            raise GGUFFormatError(f"{self.key('expert_count', 0)}: a {self.arch} model has experts")
+        if self.n_expert and not 1 <= self.n_expert_used <= self.n_expert or not self.n_expert and self.n_expert_used:
+            raise GGUFFormatError(f"{self.key('expert_used_count', self.n_expert_used)} is outside "
+                                  f"1..{self.key('expert_count', self.n_expert)}")
         for name, t in g.tensors.items():  # a bias is added to its weight's output rows
             w = g.tensors.get(name[:-len(".bias")] + ".weight") if name.endswith(".bias") else None
             if w is not None and (len(w.shape) < 2 or t.shape != w.shape[:-1]):
@@ -266,7 +268,7 @@ class ModelArgs:
                                       f"{w.shape} has {w.shape[:-1]} outputs")
 
     def is_moe_layer(self, il: int) -> bool:
-        return self.n_expert > 0
+        return self.moe_only or self.n_expert > 0
 
     def layer_why(self, il: int) -> str:
         """The key that makes block il a MoE or a dense layer."""

@@ -63,18 +63,20 @@ class ModelArgs(base.ModelArgs):
         hd_v_mla = int_key(g, "attention.value_length_mla", hd_v) if mla else hd_v
         n_rot = int_key(g, "rope.dimension_count", hd_k)
         if not 0 < n_rot < hd_qk or n_rot % 2:
-            raise GGUFFormatError(f"deepseek2: rope.dimension_count={n_rot} must be even and below the "
-                                  f"per-head key length {hd_qk}")
+            raise GGUFFormatError(f"{a}.rope.dimension_count={n_rot} must be even and below the per-head key length "
+                                  f"{a}.attention.{'key_length_mla' if mla else 'key_length'}={hd_qk}")
         if mla and (hd_k, hd_v) != (kv_lora + n_rot, kv_lora):  # the latent cache's row: what llama.cpp sizes it by
-            raise GGUFFormatError(f"deepseek2: with MLA {a}.attention.key_length={hd_k} and value_length={hd_v} must "
-                                  f"be {a}.attention.kv_lora_rank={kv_lora} + rope.dimension_count={n_rot} = "
-                                  f"{kv_lora + n_rot} and {kv_lora}")
+            raise GGUFFormatError(f"{a}: with MLA, {a}.attention.key_length={hd_k} and {a}.attention.value_length="
+                                  f"{hd_v} must be {a}.attention.kv_lora_rank={kv_lora} + rope.dimension_count={n_rot}"
+                                  f" = {kv_lora + n_rot} and {kv_lora}")
         gating_id = int_key(g, "expert_gating_func", 1) or 1  # 0/absent: softmax, as llama.cpp for V2 files
         if gating_id not in GATING:
             raise UnsupportedError(f"deepseek2: expert_gating_func={gating_id} is not supported "
                                    f"(have: {', '.join(f'{k}={v}' for k, v in GATING.items())})")
-        if int_key(g, "nextn_predict_layers", 0):
-            raise UnsupportedError("deepseek2: files with multi-token-prediction (nextn) layers are not supported")
+        nextn = int_key(g, "nextn_predict_layers", 0)
+        if nextn:
+            raise UnsupportedError(f"{a}.nextn_predict_layers={nextn}: files with multi-token-prediction layers "
+                                   f"are not supported")
         n_expert = int_key(g, "expert_count", 0)
         n_group, n_group_used = int_key(g, "expert_group_count", 0), int_key(g, "expert_group_used_count", 0)
         if n_group > 1 and (n_group >= n_expert or n_expert % n_group or not 0 < n_group_used < n_group):
@@ -89,11 +91,12 @@ class ModelArgs(base.ModelArgs):
         rope = cls.rope_from_gguf(g, n_rot, n_ctx_train, yarn_log_mul=log_mul, yarn_mscale=log_mul)
         rope = replace(rope, beta_fast=32.0, beta_slow=1.0)  # llama.cpp reads no yarn_beta_* for deepseek2
         # YaRN's magnitude correction goes into the KQ scale (both q and k carry it), not into cos/sin
-        kq_scale = float(_kq_scale(np.float32(rope.attn_factor), np.float32(rope.freq_scale),
-                                   np.float32(raw_log_mul) / np.float32(0.1), np.float32(hd_qk)))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the error below
+            kq_scale = float(_kq_scale(np.float32(rope.attn_factor), np.float32(rope.freq_scale),
+                                       np.float32(raw_log_mul) / np.float32(0.1), np.float32(hd_qk)))
         if not np.isfinite(kq_scale):
-            raise GGUFFormatError(f"deepseek2: {a}.rope.scaling.yarn_log_multiplier={raw_log_mul} gives an "
-                                  f"attention scale of {kq_scale}")
+            raise GGUFFormatError(f"{a}.rope.scaling.yarn_log_multiplier={raw_log_mul}, rope.scaling.factor and "
+                                  f"{a}.rope.scaling.attn_factor give an attention scale of {kq_scale}")
 
         # MLA caches one latent "head" and no V (read as a view of K's first kv_lora_rank columns)
         cache = dict(n_head_kv=1, head_dim_k=kv_lora + n_rot, head_dim_v=0) if mla else {}
@@ -114,7 +117,8 @@ class ModelArgs(base.ModelArgs):
     def check(self, g):
         if not self.mla and self.n_head_kv != self.n_head:  # legacy MHA caches every head
             raise GGUFFormatError(f"deepseek2: {self.key('attention.head_count_kv', self.n_head_kv)} must equal "
-                                  f"{self.key('attention.head_count', self.n_head)} (no attention.key_length_mla)")
+                                  f"{self.key('attention.head_count', self.n_head)} (legacy MHA: {self.arch}."
+                                  f"attention.key_length_mla and attention.value_length_mla are not both set)")
         super().check(g)
 
     def check_attention(self, g, il):
