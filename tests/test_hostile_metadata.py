@@ -18,7 +18,7 @@ import time
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import make_bad_metadata as mb
 from localmoe.arch import ARCHES, arch_module
@@ -358,17 +358,28 @@ def stripped(arch, variant, factory):
     return _STRIPPED[arch, variant]
 
 
+def near(kind, cur):
+    """Values close to the file's own (cur: what the loader used), which often still load and run."""
+    if kind == "int" and cur is not None:
+        return st.sampled_from([cur, cur + 1, max(cur - 1, 0), cur * 2, cur // 2]).map(lambda v: (VT.UINT32, v, None))
+    if kind == "float" and cur is not None:
+        return st.sampled_from([cur, cur * 2, cur / 2, 0.0, -cur]).map(lambda v: (VT.FLOAT32, v, None))
+    return kv_value()
+
+
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_random_kv_mutations(data, worker, tmp_path_factory):
     arch, variant = data.draw(st.sampled_from(MODELS), label="model")
     src = stripped(arch, variant, tmp_path_factory)
-    keys = sorted(mb.read_keys(src))
-    edits = data.draw(st.lists(st.tuples(st.sampled_from(keys), kv_value()), min_size=1, max_size=3), label="edits")
-    kv = {f"{arch}.{k}": v for k, v in edits}
+    keys = mb.read_keys(src)
+    kv = {}
+    for key in data.draw(st.lists(st.sampled_from(sorted(keys)), min_size=1, max_size=3, unique=True), label="keys"):
+        kv[f"{arch}.{key}"] = data.draw(st.one_of(kv_value(), near(*keys[key])), label=key)
     path = mb.rewrite(src, tmp_path_factory.mktemp("prop") / "m.gguf", kv)
     reply = worker.ask(path)
     assert reply == "ok" or reply.startswith("error: "), reply
+    event("ran" if reply == "ok" else "clean error")
     path.unlink()
