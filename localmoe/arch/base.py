@@ -1,6 +1,9 @@
 """What every architecture shares: hyperparameters from GGUF metadata and a
 pre-norm transformer block (attention + FFN). Arch files subclass both and
-override only their quirks (`qk_norm`, `ffn`, routing)."""
+override only their quirks (`qk_norm`, `ffn`, routing; `check_*` for the
+tensors they read). Metadata is hostile input: every key goes through the
+typed readers below, and `ModelArgs.check` holds the values against the
+tensor shapes before anything is sized from them."""
 from __future__ import annotations
 
 import math
