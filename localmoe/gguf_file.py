@@ -352,6 +352,11 @@ class Metadata(Mapping):
         kv = self._kvs[key]
         return kv.vtype, kv.is_array
 
+    def array_length(self, key: str) -> int | None:
+        """Element count of an array value (None for a scalar), known without decoding it."""
+        kv = self._kvs[key]
+        return kv.count if kv.is_array else None
+
 
 _MISSING = object()
 

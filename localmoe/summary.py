@@ -36,6 +36,11 @@ from collections import defaultdict
 
 from gguf import LlamaFileType
 
+from .errors import GGUFFormatError, UnsupportedError
+
+INT_MAX = (1 << 31) - 1  # as localmoe.arch.base (not imported: inspect of other archs needs no numba)
+MAX_LAYERS = 512
+
 MAX_ARRAY = 32
 ROLES = ("routed_expert", "shared_expert", "token_embd", "other")
 
@@ -56,35 +61,53 @@ def _role(name: str) -> str:
     return "other"
 
 
-def _small(value):
-    """Long arrays collapsed so the output stays readable."""
-    if isinstance(value, list) and len(value) > MAX_ARRAY:
-        return f"[{len(value)} values]"
-    return value
+def _small(md, key: str):
+    """Long arrays collapsed so the output stays readable (and are never decoded)."""
+    n = md.array_length(key)
+    return f"[{n} values]" if n is not None and n > MAX_ARRAY else md[key]
 
 
 def _file_type(value) -> str | None:
     if value is None:
         return None
     try:
-        return LlamaFileType(int(value)).name
+        return LlamaFileType(value).name
     except ValueError:
         return f"unknown ({value})"
 
 
 def _vocab_size(gf, tensors) -> int | None:
-    n = gf.arch_get("vocab_size", None)
+    n = _arch_int(gf, "vocab_size")
     if n is not None:
-        return int(n)
-    tokens = gf.get("tokenizer.ggml.tokens", None)
-    if tokens is not None:
-        return len(tokens)
+        return n
+    key = "tokenizer.ggml.tokens"
+    if key in gf.metadata:  # counted without decoding 150k strings
+        return gf.metadata.array_length(key) if gf.metadata.value_type(key)[1] else 1
     embd = tensors.get("token_embd.weight")
     return int(embd.shape[0]) if embd is not None else None
 
 
-def _opt_int(value) -> int | None:
-    return None if value is None else int(value)
+def _opt_int(value, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT_MAX:
+        raise GGUFFormatError(f"{key} must be an integer in 0..{INT_MAX}, not {value!r:.60}")
+    return value
+
+
+def _arch_int(gf, suffix: str) -> int | None:
+    return _opt_int(gf.arch_get(suffix, None), f"{gf.arch}.{suffix}")
+
+
+def _check_runnable(gf) -> None:
+    """A file of an architecture localmoe runs must have hyperparameters that agree with its
+    tensors (GGUFFormatError otherwise); one that uses an unsupported feature still shows."""
+    from .arch import ARCHES, arch_module
+    if gf.arch in ARCHES:
+        try:
+            arch_module(gf.arch).ModelArgs.from_gguf(gf)
+        except UnsupportedError:
+            pass
 
 
 def summarize(gguf_file) -> dict:
@@ -95,9 +118,10 @@ def summarize(gguf_file) -> dict:
             return summarize(gf)
     gf = gguf_file
     arch = gf.arch
+    _check_runnable(gf)
     prefix = f"{arch}."
 
-    hyper = {k[len(prefix):]: _small(gf.metadata[k]) for k in gf.metadata if k.startswith(prefix)}
+    hyper = {k[len(prefix):]: _small(gf.metadata, k) for k in gf.metadata if k.startswith(prefix)}
     tensors = gf.tensors
     rows, by_type = [], defaultdict(lambda: {"count": 0, "n_elements": 0, "bytes": 0})
     for t in tensors.values():
@@ -115,7 +139,7 @@ def summarize(gguf_file) -> dict:
         "architecture": arch,
         "name": gf.get("general.name", None),
         "file_type": _file_type(gf.get("general.file_type", None)),
-        "quantization_version": _opt_int(gf.get("general.quantization_version", None)),
+        "quantization_version": _opt_int(gf.get("general.quantization_version", None), "general.quantization_version"),
         "tokenizer_model": gf.get("tokenizer.ggml.model", None),
         "vocab_size": _vocab_size(gf, tensors),
         "hyperparameters": hyper,
@@ -128,11 +152,11 @@ def summarize(gguf_file) -> dict:
 
 
 def _experts_and_decode(gf, rows) -> dict:
-    block_count = _opt_int(gf.arch_get("block_count", None))
-    n_expert = _opt_int(gf.arch_get("expert_count", None))
-    n_used = _opt_int(gf.arch_get("expert_used_count", None))
-    n_shared = _opt_int(gf.arch_get("expert_shared_count", None))
-    nextn = _opt_int(gf.arch_get("nextn_predict_layers", None)) or 0
+    block_count = _arch_int(gf, "block_count")
+    n_expert = _arch_int(gf, "expert_count")
+    n_used = _arch_int(gf, "expert_used_count")
+    n_shared = _arch_int(gf, "expert_shared_count")
+    nextn = _arch_int(gf, "nextn_predict_layers") or 0
     first_nextn = block_count - nextn if block_count is not None and nextn else None
 
     layers_seen, moe_layers = set(), set()
@@ -143,6 +167,10 @@ def _experts_and_decode(gf, rows) -> dict:
             if r["role"] == "routed_expert":
                 moe_layers.add(int(m.group(1)))
     n_layers = block_count if block_count is not None else (max(layers_seen) + 1 if layers_seen else 0)
+    if n_layers > MAX_LAYERS or n_layers < max(layers_seen, default=-1) + 1:
+        raise GGUFFormatError(f"{gf.arch}.block_count={block_count} does not fit the blk.N tensors "
+                              f"(blocks {min(layers_seen, default=0)}..{max(layers_seen, default=-1)}; "
+                              f"at most {MAX_LAYERS})")
     dense_layers = [i for i in range(n_layers) if i not in moe_layers]
 
     def skipped(name):  # MTP layers: not part of the decode graph
@@ -178,7 +206,7 @@ def _experts_and_decode(gf, rows) -> dict:
             "expert_shared_count": n_shared,
             "has_shared_experts": bool(n_shared) or totals["shared_expert"] > 0,
             "block_count": block_count,
-            "leading_dense_block_count": _opt_int(gf.arch_get("leading_dense_block_count", None)),
+            "leading_dense_block_count": _arch_int(gf, "leading_dense_block_count"),
             "nextn_predict_layers": nextn,
             "moe_layers": sorted(moe_layers),
             "dense_layers": dense_layers,

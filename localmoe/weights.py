@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from localmoe.errors import GGUFFormatError, UnsupportedError
+from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 from localmoe.quant import QuantType, quant_type
 
 
@@ -55,6 +55,8 @@ class Linear:
         return sub
 
     def matmul_into(self, out: np.ndarray, x) -> None:  # out f32[n_tok, n_out], x f32[n_tok, n_in] or its Activation
+        if x.shape[-1] != self.n_in or out.shape != (x.shape[0], self.n_out):  # the nogil kernels do not check
+            raise LocalMoEError(f"{self.name} {self.shape}: inputs {x.shape} / outputs {out.shape} do not fit")
         act = x.prepared(self.qt) if isinstance(x, Activation) else self.qt.prepare(x)
         self.qt.matmul_prepared_into(out, act, self.rows)
         if self.bias is not None:
@@ -119,7 +121,9 @@ def load_tensors(gguf_file) -> tuple[SimpleNamespace, list[SimpleNamespace]]:
     their weight as `.bias`; a bias with no weight (deepseek2's exp_probs_b) is
     an f32 array under its own name.
     """
-    n_layer = int(gguf_file.arch_get("block_count"))
+    n_layer = gguf_file.arch_get("block_count")
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or not 0 <= n_layer <= len(gguf_file.tensors):
+        raise GGUFFormatError(f"block_count={n_layer!r} does not fit the file's {len(gguf_file.tensors)} tensors")
     top, blocks = {}, [{} for _ in range(n_layer)]
     biases = []
     for name, t in gguf_file.tensors.items():

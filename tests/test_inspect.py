@@ -18,6 +18,7 @@ from localmoe.cli import main
 from localmoe.summary import summarize
 
 N_EMBD, N_FF, N_VOCAB, N_EXPERT, N_USED = 256, 512, 320, 8, 2
+KV_LORA = 128
 LOCALMOE = shutil.which("localmoe")  # the installed console script
 
 
@@ -42,8 +43,17 @@ def layout(arch):
         p = f"blk.{i}."
         t[p + "attn_norm.weight"] = (T.F32, (N_EMBD,))
         t[p + "ffn_norm.weight"] = (T.F32, (N_EMBD,))
-        for w in ("q", "k", "v", "output"):
-            t[p + f"attn_{w}.weight"] = (T.Q8_0, (N_EMBD, N_EMBD))
+        if deepseek:  # legacy MHA form (one attn_kv_b): 2 heads of q/k 64 + 64 (rope), v 128
+            t[p + "attn_q.weight"] = (T.Q8_0, (N_EMBD, N_EMBD))
+            t[p + "attn_kv_a_mqa.weight"] = (T.Q8_0, (KV_LORA + 64, N_EMBD))
+            t[p + "attn_kv_a_norm.weight"] = (T.F32, (KV_LORA,))
+            t[p + "attn_kv_b.weight"] = (T.Q8_0, (2 * (64 + 128), KV_LORA))
+            t[p + "attn_output.weight"] = (T.Q8_0, (N_EMBD, N_EMBD))
+        else:  # 2 heads of 128, QK-norm
+            for w in ("q", "k", "v", "output"):
+                t[p + f"attn_{w}.weight"] = (T.Q8_0, (N_EMBD, N_EMBD))
+            t[p + "attn_q_norm.weight"] = (T.F32, (N_EMBD // 2,))
+            t[p + "attn_k_norm.weight"] = (T.F32, (N_EMBD // 2,))
         if deepseek and i == 0:
             t[p + "ffn_gate.weight"] = (T.Q4_K, (N_FF, N_EMBD))
             t[p + "ffn_up.weight"] = (T.Q4_K, (N_FF, N_EMBD))
@@ -57,10 +67,13 @@ def layout(arch):
             t[p + "ffn_gate_shexp.weight"] = (T.Q8_0, (N_FF, N_EMBD))
             t[p + "ffn_up_shexp.weight"] = (T.Q8_0, (N_FF, N_EMBD))
             t[p + "ffn_down_shexp.weight"] = (T.Q8_0, (N_EMBD, N_FF))
+    # a complete model's keys: inspect checks a supported architecture's hyperparameters against its tensors
     meta = {"block_count": n_layer, "expert_count": N_EXPERT, "expert_used_count": N_USED,
-            "embedding_length": N_EMBD}
+            "embedding_length": N_EMBD, "context_length": 4096, "attention.head_count": 2,
+            "attention.layer_norm_rms_epsilon": 1e-6, "expert_feed_forward_length": N_FF}
     if deepseek:
-        meta.update(leading_dense_block_count=1, expert_shared_count=1)
+        meta.update(leading_dense_block_count=1, expert_shared_count=1, feed_forward_length=N_FF,
+                    **{"attention.kv_lora_rank": KV_LORA, "rope.dimension_count": 64})
     if arch == "glm4moe":
         meta.update(nextn_predict_layers=1)
     return t, meta
@@ -75,7 +88,7 @@ def write_model(path, arch):
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(N_VOCAB)])
     for k, v in meta.items():
-        w.add_uint32(f"{arch}.{k}", v)
+        w.add_key_value(f"{arch}.{k}", v, gguf.GGUFValueType.FLOAT32 if isinstance(v, float) else gguf.GGUFValueType.UINT32)
     w.add_array(f"{arch}.long_array", list(range(1000)))
     rng = np.random.default_rng(0)
     for name, (qtype, shape) in tensors.items():

@@ -25,6 +25,7 @@ from localmoe.layers import apply_rope, attention, rms_norm, sigmoid, softmax
 from localmoe.moe import moe_ffn, swiglu_ffn
 
 from . import base
+from .deepseek import check_shared_experts
 
 GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values we run
 
@@ -49,53 +50,111 @@ class ModelArgs(base.ModelArgs):
 
     @classmethod
     def from_gguf(cls, g, n_expert_used=None, **extra):
-        def get(key, default=None, required=False):
-            return base._scalar(g, key, default, required)
-
-        n_embd = int(get("embedding_length", required=True))
-        n_head = int(get("attention.head_count", required=True))
-        n_ctx_train = int(get("context_length", required=True))
-        kv_lora = int(get("attention.kv_lora_rank", required=True))
-        hd_k = int(get("attention.key_length", n_embd // n_head))
-        hd_v = int(get("attention.value_length", n_embd // n_head))
-        mla = bool(get("attention.key_length_mla", 0)) and bool(get("attention.value_length_mla", 0))
-        hd_qk = int(get("attention.key_length_mla", hd_k)) if mla else hd_k
-        hd_v_mla = int(get("attention.value_length_mla", hd_v)) if mla else hd_v
-        n_rot = int(get("rope.dimension_count", hd_k))
+        a = g.arch
+        int_key, float_key = base.int_key, base.float_key
+        n_embd = int_key(g, "embedding_length", required=True, lo=1)
+        n_head = int_key(g, "attention.head_count", required=True, lo=1)
+        n_ctx_train = int_key(g, "context_length", required=True, lo=1)
+        kv_lora = int_key(g, "attention.kv_lora_rank", required=True, lo=1)
+        hd_k = int_key(g, "attention.key_length", n_embd // n_head, lo=1)
+        hd_v = int_key(g, "attention.value_length", n_embd // n_head, lo=1)
+        mla = bool(int_key(g, "attention.key_length_mla", 0)) and bool(int_key(g, "attention.value_length_mla", 0))
+        hd_qk = int_key(g, "attention.key_length_mla", hd_k) if mla else hd_k
+        hd_v_mla = int_key(g, "attention.value_length_mla", hd_v) if mla else hd_v
+        n_rot = int_key(g, "rope.dimension_count", hd_k)
         if not 0 < n_rot < hd_qk or n_rot % 2:
-            raise GGUFFormatError(f"deepseek2: rope.dimension_count={n_rot} must be even and below the "
-                                  f"per-head key length {hd_qk}")
-        gating_id = int(get("expert_gating_func", 1) or 1)  # 0/absent: softmax, as llama.cpp for V2 files
+            raise GGUFFormatError(f"{a}.rope.dimension_count={n_rot} must be even and below the per-head key length "
+                                  f"{a}.attention.{'key_length_mla' if mla else 'key_length'}={hd_qk}")
+        if mla and (hd_k, hd_v) != (kv_lora + n_rot, kv_lora):  # the latent cache's row: what llama.cpp sizes it by
+            raise GGUFFormatError(f"{a}: with MLA, {a}.attention.key_length={hd_k} and {a}.attention.value_length="
+                                  f"{hd_v} must be {a}.attention.kv_lora_rank={kv_lora} + rope.dimension_count={n_rot}"
+                                  f" = {kv_lora + n_rot} and {kv_lora}")
+        gating_id = int_key(g, "expert_gating_func", 1) or 1  # 0/absent: softmax, as llama.cpp for V2 files
         if gating_id not in GATING:
             raise UnsupportedError(f"deepseek2: expert_gating_func={gating_id} is not supported "
                                    f"(have: {', '.join(f'{k}={v}' for k, v in GATING.items())})")
-        if int(get("nextn_predict_layers", 0)):
-            raise UnsupportedError("deepseek2: files with multi-token-prediction (nextn) layers are not supported")
-        n_expert = int(get("expert_count", 0))
-        n_group, n_group_used = int(get("expert_group_count", 0)), int(get("expert_group_used_count", 0))
+        nextn = int_key(g, "nextn_predict_layers", 0)
+        if nextn:
+            raise UnsupportedError(f"{a}.nextn_predict_layers={nextn}: files with multi-token-prediction layers "
+                                   f"are not supported")
+        n_expert = int_key(g, "expert_count", 0)
+        n_group, n_group_used = int_key(g, "expert_group_count", 0), int_key(g, "expert_group_used_count", 0)
         if n_group > 1 and (n_group >= n_expert or n_expert % n_group or not 0 < n_group_used < n_group):
             raise GGUFFormatError(f"deepseek2: {n_expert} experts cannot form {n_group} groups "
-                                  f"of which {n_group_used} are used")
+                                  f"of which {n_group_used} are used ({a}.expert_count, {a}.expert_group_count, "
+                                  f"{a}.expert_group_used_count)")
 
         # [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: the converter stores 0.1 * mscale_all_dim
-        log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+        raw_log_mul = float_key(g, "rope.scaling.yarn_log_multiplier", 0.0)
+        log_mul = raw_log_mul / 0.1
         # llama.cpp's deepseek2 special case sets YaRN's mscale to mscale_all_dim: their ratio is 1
         rope = cls.rope_from_gguf(g, n_rot, n_ctx_train, yarn_log_mul=log_mul, yarn_mscale=log_mul)
         rope = replace(rope, beta_fast=32.0, beta_slow=1.0)  # llama.cpp reads no yarn_beta_* for deepseek2
         # YaRN's magnitude correction goes into the KQ scale (both q and k carry it), not into cos/sin
-        raw_log_mul = np.float32(get("rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(0.1)
-        kq_scale = float(_kq_scale(np.float32(rope.attn_factor), np.float32(rope.freq_scale), raw_log_mul,
-                                   np.float32(hd_qk)))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the error below
+            kq_scale = float(_kq_scale(np.float32(rope.attn_factor), np.float32(rope.freq_scale),
+                                       np.float32(raw_log_mul) / np.float32(0.1), np.float32(hd_qk)))
+        if not np.isfinite(kq_scale):
+            raise GGUFFormatError(f"{a}.rope.scaling.yarn_log_multiplier={raw_log_mul}, rope.scaling.factor and "
+                                  f"{a}.rope.scaling.attn_factor give an attention scale of {kq_scale}")
 
         # MLA caches one latent "head" and no V (read as a view of K's first kv_lora_rank columns)
         cache = dict(n_head_kv=1, head_dim_k=kv_lora + n_rot, head_dim_v=0) if mla else {}
         return super().from_gguf(
             g, n_expert_used, rope=rope, kq_scale=kq_scale, **cache,
-            n_layer_dense_lead=int(get("leading_dense_block_count", 0)),
-            q_lora_rank=int(get("attention.q_lora_rank", 0)), kv_lora_rank=kv_lora,
+            n_layer_dense_lead=int_key(g, "leading_dense_block_count", 0),
+            q_lora_rank=int_key(g, "attention.q_lora_rank", 0), kv_lora_rank=kv_lora,
             head_dim_qk=hd_qk, head_dim_v_mla=hd_v_mla, mla=mla, gating=GATING[gating_id],
-            expert_weights_norm=bool(get("expert_weights_norm", False)),
+            expert_weights_norm=base.bool_key(g, "expert_weights_norm", False),
             n_group=n_group, n_group_used=n_group_used, **extra)
+
+    def is_moe_layer(self, il):
+        return il >= self.n_layer_dense_lead
+
+    def layer_why(self, il):
+        return self.key("leading_dense_block_count", self.n_layer_dense_lead)
+
+    def check(self, g):
+        if not self.mla and self.n_head_kv != self.n_head:  # legacy MHA caches every head
+            raise GGUFFormatError(f"deepseek2: {self.key('attention.head_count_kv', self.n_head_kv)} must equal "
+                                  f"{self.key('attention.head_count', self.n_head)} (legacy MHA: {self.arch}."
+                                  f"attention.key_length_mla and attention.value_length_mla are not both set)")
+        super().check(g)
+
+    def check_attention(self, g, il):
+        p, d = f"blk.{il}.", (self.n_embd, self.key("embedding_length", self.n_embd))
+        hq = self.key("attention.head_count", self.n_head)
+        r, n_rot, nope = self.kv_lora_rank, self.n_rot, self.head_dim_qk - self.n_rot
+        rank = (r, self.key("attention.kv_lora_rank", r))
+        kl_key, vl_key = ("key_length_mla", "value_length_mla") if self.mla else ("key_length", "value_length")
+        q = (self.n_head * self.head_dim_qk, f"{hq} x {self.key('attention.' + kl_key, self.head_dim_qk)}")
+        vl = self.key("attention." + vl_key, self.head_dim_v_mla)
+        form = ("MLA (attention.key_length_mla is set)" if self.mla else "legacy MHA (no attention.key_length_mla)")
+        if self.q_lora_rank:
+            ql = (self.q_lora_rank, self.key("attention.q_lora_rank", self.q_lora_rank))
+            self.expect(g, p + "attn_q_a.weight", ql, d, why=ql[1])
+            self.expect(g, p + "attn_q_a_norm.weight", ql, why=ql[1])
+            self.expect(g, p + "attn_q_b.weight", q, ql, why=ql[1])
+        else:
+            self.expect(g, p + "attn_q.weight", q, d, why=self.key("attention.q_lora_rank", 0))
+        self.expect(g, p + "attn_kv_a_mqa.weight", (r + n_rot, f"{rank[1]} + {self.key('rope.dimension_count', n_rot)}"), d)
+        self.expect(g, p + "attn_kv_a_norm.weight", rank)
+        heads = (self.n_head, hq)
+        if self.mla:
+            self.expect(g, p + "attn_k_b.weight", heads, rank, (nope, f"{q[1]} - rope.dimension_count={n_rot} per head"),
+                        why=form)
+            self.expect(g, p + "attn_v_b.weight", heads, (self.head_dim_v_mla, vl), rank, why=form)
+        else:
+            self.expect(g, p + "attn_kv_b.weight", (self.n_head * (nope + self.head_dim_v_mla),
+                                                    f"{hq} x ({q[1]} - rope.dimension_count={n_rot} + {vl})"),
+                        rank, why=form)
+        self.expect(g, p + "attn_output.weight", d, (self.n_head * self.head_dim_v_mla, f"{hq} x {vl}"))
+
+    def check_moe(self, g, il):
+        super().check_moe(g, il)
+        check_shared_experts(self, g, il)
+        self.expect(g, f"blk.{il}.exp_probs_b.bias", (self.n_expert, self.key("expert_count", self.n_expert)),
+                    required=False)
 
 
 @njit(cache=True)

@@ -1,5 +1,6 @@
 """llama with experts (Mixtral): normal (pairwise) RoPE, softmax over all
-experts then the top-k weights renormalised; layers without ffn_gate_inp are dense."""
+experts then the top-k weights renormalised. expert_count 0 is a dense llama
+(every layer ffn_gate/up/down), as in llama.cpp."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from . import base
 @dataclass(frozen=True)
 class ModelArgs(base.ModelArgs):
     rope_neox = False
+    moe_only = False
+    ff_exp_key = "feed_forward_length"  # llama.cpp sizes Mixtral's experts by n_ff
 
 
 class Block(base.Block):

@@ -12,6 +12,15 @@ from . import base
 @dataclass(frozen=True)
 class ModelArgs(base.ModelArgs):
     rope_neox = True
+    ff_exp_key = "feed_forward_length"  # llama.cpp sizes OLMoE's experts by n_ff
+
+    def check_attention(self, g, il):
+        super().check_attention(g, il)
+        p, kl = f"blk.{il}.", self.key("attention.key_length", self.head_dim_k)
+        self.expect(g, p + "attn_q_norm.weight",
+                    (self.n_head * self.head_dim_k, f"{self.key('attention.head_count', self.n_head)} x {kl}"))
+        self.expect(g, p + "attn_k_norm.weight",
+                    (self.n_head_kv * self.head_dim_k, f"{self.key('attention.head_count_kv', self.n_head_kv)} x {kl}"))
 
 
 class Block(base.Block):

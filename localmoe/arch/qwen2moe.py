@@ -14,6 +14,15 @@ from . import base
 class ModelArgs(base.ModelArgs):
     rope_neox = True
 
+    def check_moe(self, g, il):
+        super().check_moe(g, il)
+        p, d = f"blk.{il}.", (self.n_embd, self.key("embedding_length", self.n_embd))
+        ff = self.width(g, "expert_shared_feed_forward_length", "ffn_up_shexp")
+        self.expect(g, p + "ffn_gate_inp_shexp.weight", d)
+        self.expect(g, p + "ffn_gate_shexp.weight", ff, d)
+        self.expect(g, p + "ffn_up_shexp.weight", ff, d)
+        self.expect(g, p + "ffn_down_shexp.weight", d, ff)
+
 
 class Block(base.Block):
     required = base.Block.required + ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",

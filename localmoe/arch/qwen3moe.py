@@ -13,6 +13,12 @@ from . import base
 class ModelArgs(base.ModelArgs):
     rope_neox = True
 
+    def check_attention(self, g, il):
+        super().check_attention(g, il)
+        hd = (self.head_dim_k, self.key("attention.key_length", self.head_dim_k))
+        self.expect(g, f"blk.{il}.attn_q_norm.weight", hd)
+        self.expect(g, f"blk.{il}.attn_k_norm.weight", hd)
+
 
 class Block(base.Block):
     required = base.Block.required + ("attn_q_norm", "attn_k_norm", "ffn_gate_inp",

@@ -86,7 +86,7 @@ def footprint(gguf_file, args, n_ctx: int) -> Footprint:
         if m is None:
             non_expert += int(t.n_bytes)
             continue
-        n_exp = int(t.shape[0])
+        n_exp = max(int(t.shape[0]), 1)  # a stack the architecture does not read may be empty
         stacks.setdefault(int(m.group(1)), []).append(
             Stack(m.group(2), int(t.qtype), tuple(int(s) for s in t.shape), int(t.offset), int(t.n_bytes) // n_exp))
     layers = tuple(LayerExperts(il, tuple(sorted(s, key=lambda x: x.name))) for il, s in sorted(stacks.items()))
