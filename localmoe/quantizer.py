@@ -285,6 +285,7 @@ def _write_tensor(src: _Source, dst, ti, t: TensorPlan, alignment: int, progress
     slab = max(1, SLAB_BYTES // (4 * n_cols))
     kernel = row_kernel(int(t.new)) if t.converts else None
     for r0 in range(0, n_rows, slab):
+        _check_terminated()
         n = min(slab, n_rows - r0)
         at = ti.offset + r0 * rb_in
         src.advise(mmap.MADV_WILLNEED, at + n * rb_in, min(slab, n_rows - r0 - n) * rb_in)
@@ -399,18 +400,29 @@ def _output_lock(out: Path):
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """SIGTERM raises QuantizeTerminated in the main thread for the block, so cleanup runs as for Ctrl-C."""
+    """SIGTERM makes the write raise QuantizeTerminated at its next slab, so the cleanup runs as for Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_term(signum, frame):
-        raise QuantizeTerminated("quantize-model stopped by SIGTERM; the partial output was removed")
+    def on_term(signum, frame):  # only a flag: an exception raised here could land in a ctypes
+        _terminated.set()        # callback or numba's cache loading, which swallow it
+    _terminated.clear()
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        _terminated.clear()
+
+
+# set by SIGTERM; the write loop checks it before each slab (a fraction of a second apart)
+_terminated = threading.Event()
+
+
+def _check_terminated() -> None:
+    if _terminated.is_set():
+        raise QuantizeTerminated("quantize-model stopped by SIGTERM; the partial output was removed")
 
 
 def _unlink_quietly(path) -> None:
@@ -436,6 +448,7 @@ def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
                 _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
             dst.flush()
             os.fsync(dst.fileno())
+        _check_terminated()
         size = partial.stat().st_size
         if size != plan.output_size:
             raise QuantizeError(f"{partial}: wrote {size} bytes, planned {plan.output_size}")
