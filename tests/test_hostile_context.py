@@ -6,7 +6,6 @@ import pytest
 
 import localmoe
 from localmoe.errors import LocalMoEError
-from localmoe.model import ContextLengthWarning, check_context, context_bytes
 
 from hostile_common import SHIPPED, assert_clean_error, assert_ok, cli
 
@@ -24,6 +23,7 @@ def test_huge_context_is_refused_with_the_memory_it_needs():
 
 
 def test_huge_context_in_the_api_names_the_numbers(model):
+    from localmoe.model import check_context, context_bytes
     with pytest.raises(LocalMoEError, match=r"a context of 10000000 tokens needs [\d.]+ GiB"):
         localmoe.load(SHIPPED, n_ctx=10**7)
     need = context_bytes(model.args, 200)["total"]
@@ -33,6 +33,7 @@ def test_huge_context_in_the_api_names_the_numbers(model):
 
 
 def test_context_past_training_warns():
+    from localmoe.model import ContextLengthWarning
     with pytest.warns(ContextLengthWarning, match="training context"):
         localmoe.load(SHIPPED, n_ctx=512).close()
     with warnings.catch_warnings():

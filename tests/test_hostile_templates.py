@@ -6,7 +6,8 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localmoe.chat_template import MAX_CHARS, TIME_LIMIT, ChatTemplate, ChatTemplateError, _GenerationTag, _tojson
+from localmoe import chat_template
+from localmoe.chat_template import ChatTemplate, ChatTemplateError, _GenerationTag, _tojson
 from localmoe.gguf_file import open_gguf
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -42,7 +43,7 @@ def test_hostile_template_stops_with_a_clear_error(name):
     tmpl = ChatTemplate(HOSTILE[name])
     with pytest.raises(ChatTemplateError):
         tmpl.render(CHAT)
-    assert time.monotonic() - t0 < TIME_LIMIT + 5
+    assert time.monotonic() - t0 < 10  # the render's limit is 5 s
 
 
 def _reference_render(source, messages, gen, bos="", eos=""):
@@ -80,6 +81,6 @@ def test_long_but_legal_conversation_still_renders():
 
 
 def test_output_cap_is_what_keeps_the_tokenizer_safe():
-    big = [{"role": "user", "content": "z" * (MAX_CHARS + 1)}]
+    big = [{"role": "user", "content": "z" * (getattr(chat_template, "MAX_CHARS", 8 << 20) + 1)}]
     with pytest.raises(ChatTemplateError, match="longer than|characters"):
         ChatTemplate(None).render(big)
