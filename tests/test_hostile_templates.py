@@ -41,9 +41,10 @@ HOSTILE = {
 def test_hostile_template_stops_with_a_clear_error(name):
     t0 = time.monotonic()
     tmpl = ChatTemplate(HOSTILE[name])
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError) as ei:
         tmpl.render(CHAT)
     assert time.monotonic() - t0 < 10  # the render's limit is 5 s
+    assert "MemoryError" not in str(ei.value)  # refused before allocating, not after memory ran out
 
 
 def _reference_render(source, messages, gen, bos="", eos=""):
