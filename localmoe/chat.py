@@ -338,12 +338,14 @@ class ChatSession:
     def warm_up_async(self) -> None:
         def run():
             try:
-                self.model.forward(self.tokenizer.encode("Hi there", add_special=False)[:2] or [0])
-                self.model.forward([0])
+                with self.model._lock.held():  # one unit: another user never sees its cache state
+                    try:
+                        self.model.forward(self.tokenizer.encode("Hi there", add_special=False)[:2] or [0])
+                        self.model.forward([0])
+                    finally:
+                        self.model.reset()
             except BaseException as e:  # re-raised by the first turn
                 self._warm_error = e
-            finally:
-                self.model.reset()
         self._warm = threading.Thread(target=run, name="localmoe-warm-up", daemon=True)
         self._warm.start()
 
