@@ -137,6 +137,10 @@ def _check_ints(args, kwargs) -> None:
             _need(abs(a), "a width or count")
 
 
+# filters that work in pure Python over their whole input, out of reach of the deadline checks
+_SLOW_FILTERS = {"wordwrap": 1 << 16, "urlize": 1 << 16, "striptags": 1 << 20}
+
+
 def _guard_filter(name: str, f):
     """A filter with the same limits as calls; `indent` and `replace` grow per line / per match."""
     @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
@@ -155,6 +159,9 @@ def _guard_filter(name: str, f):
                 _need(_growth(value.replace, rest, {}), "a string")
             elif name == "format":
                 _check_format(value)
+            elif name in _SLOW_FILTERS and len(value) > _SLOW_FILTERS[name]:
+                raise ChatTemplateLimitError(f"chat template passed {len(value)} characters to the "
+                                             f"{name} filter (the limit is {_SLOW_FILTERS[name]})")
         if name == "join":
             seq = next((a for a in args if isinstance(a, (list, tuple))), None)
             if seq is not None:
@@ -213,6 +220,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             seq, n = (left, right) if isinstance(left, sized) else (right, left)
             if isinstance(seq, sized) and isinstance(n, int):
                 _need(len(seq) * max(n, 0), "a repeated string or list")
+            elif isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right.bit_length() > MAX_POW_BITS:  # squaring in a loop
+                raise ChatTemplateLimitError("chat template asked for a product of huge integers")
         elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
             _need(len(left) + len(right), "a concatenated string or list")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
@@ -256,6 +266,7 @@ def environment() -> ImmutableSandboxedEnvironment:
         loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True, optimized=False,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    del env.globals["lipsum"]  # lipsum(n) builds n paragraphs in pure Python: no template needs it
     env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
     env.filters["_limit_iter"] = _limit_iter
     env.filters["_concat"] = _concat

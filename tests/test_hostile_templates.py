@@ -32,6 +32,10 @@ HOSTILE = {
     "power": "{{ 7 ** (10 ** 9) }}",
     "join": "{% set s = 'x' * 1000000 %}{{ [s, s, s, s, s, s, s, s, s, s] | join(s) }}",
     "output": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "int-squaring": "{% set ns = namespace(a=2 ** 60000) %}{% for i in range(40) %}"
+                    "{% set ns.a = ns.a * ns.a %}{% endfor %}{{ ns.a > 0 }}",
+    "wordwrap": "{{ ('x ' * 4000000) | wordwrap(1) | length }}",
+    "lipsum": "{{ lipsum(1000000) | length }}",
     "macro-loop": "{% macro f(n) %}{% for i in range(n) %}{{ f(0) }}{% endfor %}{% endmacro %}"
                   "{% for i in range(100000) %}{{ f(1000) }}{% endfor %}",
 }
