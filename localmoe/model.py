@@ -163,18 +163,14 @@ class Model:
             raise LocalMoEError(f"token ids must be a flat sequence of integers: {e}") from None
         if raw.size == 0:
             raise LocalMoEError("no tokens to evaluate")
-        if raw.dtype.kind == "O":  # Python ints past 64 bits, or mixed objects
-            for t in raw:
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise LocalMoEError(f"token ids must be integers, got {t!r}")
-                if not 0 <= t < self.n_vocab:
-                    raise LocalMoEError(f"token id {int(t)} is outside the vocabulary (0..{self.n_vocab - 1})")
-        elif raw.dtype.kind not in "iu":
-            bad = next(iter(raw.tolist()))
-            raise LocalMoEError(f"token ids must be integers, got {bad!r} ({raw.dtype})")
-        bad = [t for t in raw[(raw >= self.n_vocab) | (raw < 0)].tolist()[:1]] if raw.dtype.kind != "O" else []
-        if bad:
-            raise LocalMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        kind = raw.dtype.kind  # "O": Python ints past 64 bits, or mixed objects
+        if kind not in "iuO" or (kind == "O" and not all(isinstance(t, (int, np.integer)) for t in raw)) or \
+                (kind == "O" and any(isinstance(t, bool) for t in raw)):
+            bad = next(t for t in raw.tolist() if isinstance(t, bool) or not isinstance(t, (int, np.integer)))
+            raise LocalMoEError(f"token ids must be integers, got {bad!r}")
+        outside = (raw < 0) | (raw >= self.n_vocab)
+        if outside.any():  # int(): exact for uint64 and Python ints alike
+            raise LocalMoEError(f"token id {int(raw[outside][0])} is outside the vocabulary (0..{self.n_vocab - 1})")
         return raw.astype(np.int64)
 
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:

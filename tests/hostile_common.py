@@ -10,7 +10,8 @@ SHIPPED = ROOT / "models" / "shipped" / "shakespeare-moe-Q8_0.gguf"
 
 def cli(*args, stdin: bytes | None = None, timeout: float = 300, env: dict | None = None):
     """Run `localmoe ARGS` (bytes arguments pass as they are) -> CompletedProcess with bytes output."""
-    return subprocess.run([sys.executable, "-c", "from localmoe.cli import main; main(prog_name='localmoe')", *args], input=stdin, capture_output=True,
+    code = "from localmoe.cli import main; main(prog_name='localmoe')"
+    return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
