@@ -36,12 +36,19 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        import warnings
         from localmoe.errors import LocalMoEError
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except LocalMoEError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """localmoe's warnings as one `warning: ...` line on stderr (no source location)."""
+    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

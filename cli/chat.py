@@ -6,11 +6,11 @@ from pathlib import Path
 import click
 
 from .options import sampling_options
-from .plan import offload_kwargs, offload_options, report_stats
+from .plan import check_output, offload_kwargs, offload_options, report_stats
 
 HELP = """Available commands:
   /set system TEXT       set the system prompt (empty TEXT removes it)
-  /set temperature X     also: top_p, top_k, min_p, repeat_penalty, seed, max_tokens
+  /set temperature X     also: top_p, top_k, min_p, repeat_penalty, seed (-1: random), max_tokens
   /set experts K         active experts per token, applied at once (the context is re-evaluated;
                          with --ram-budget at most the count the plan was made for)
   /set verbose|quiet     show or hide stats after each reply
@@ -44,6 +44,8 @@ def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_
     from localmoe.chat import ChatSession
     from localmoe.shipped import default_model_path
     model = model or str(default_model_path())
+    if stats_out:
+        check_output(stats_out)  # before the chat, not after it
     model_ = _load(model, threads, n_ctx, n_expert_used, offload_kwargs(**offload))
     try:
         session = ChatSession(model_, system=system, max_tokens=n_predict, temperature=temp, top_k=top_k,
@@ -77,6 +79,8 @@ class Repl:
     def __init__(self, session, verbose: bool):
         self.s, self.verbose = session, verbose
         self.tty = sys.stdin.isatty()
+        if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 typed or piped in becomes U+FFFD
+            sys.stdin.reconfigure(errors="replace")
         self.readline = None
         if self.tty:
             self._init_readline()
@@ -130,6 +134,11 @@ class Repl:
 
     def _read(self):
         """One message; None at end of input. \"\"\" starts and ends a multi-line message."""
+        from localmoe.tokenizer.text import clean_text
+        text = self._read_raw()
+        return None if text is None else clean_text(text)
+
+    def _read_raw(self):
         try:
             line = input(">>> " if self.tty else "")
         except EOFError:
@@ -197,6 +206,8 @@ class Repl:
                 click.echo(f"Unknown command {cmd!r}. Type /? for help.")
         except LocalMoEError as e:
             click.echo(f"error: {e}", err=True)
+        except Exception as e:  # a bad command never ends the chat (the conversation would be lost)
+            click.echo(f"error: {cmd} failed: {type(e).__name__}: {e}", err=True)
 
     def _set(self, arg: str) -> None:
         name, _, value = arg.partition(" ")
@@ -212,7 +223,7 @@ class Repl:
         elif name in SET_NAMES or name in ("seed", "max_tokens", "experts"):
             try:
                 v = SET_NAMES.get(name, int)(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 click.echo(f"error: /set {name} needs a number, got {value!r}", err=True)
                 return
             if name == "seed":

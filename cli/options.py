@@ -30,7 +30,7 @@ def sampling_options(f):
         click.option("--top-p", default=0.95, show_default=True, type=float),
         click.option("--min-p", default=0.05, show_default=True, type=float),
         click.option("--repeat-penalty", default=1.0, show_default=True, type=float),
-        click.option("--seed", default=None, type=int, help="Sampling seed (default: random)."),
+        click.option("--seed", default=None, type=int, help="Sampling seed; -1 or none: random."),
         click.option("--threads", "-t", default=None, type=click.IntRange(min=1), help="Compute threads."),
         click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
                      help="Override the number of active experts (ARCH.expert_used_count)."),

@@ -44,6 +44,12 @@ def offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch, gpu_bu
             if v is not None}
 
 
+def check_output(path) -> None:
+    """Fail now, not after the run, if --stats-out cannot be written."""
+    from localmoe.atomic import check_writable
+    check_writable(path, "--stats-out")
+
+
 def report_stats(model, show_stats: bool, stats_out) -> None:
     if not (show_stats or stats_out):
         return

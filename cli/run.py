@@ -2,7 +2,7 @@
 import click
 
 from .options import process_escapes, sampling_options
-from .plan import offload_kwargs, offload_options, report_stats
+from .plan import check_output, offload_kwargs, offload_options, report_stats
 
 
 @click.command("run")
@@ -23,9 +23,13 @@ def run_cmd(model, prompt, escape, n_predict, temp, top_k, top_p, min_p, repeat_
     """Generate text from MODEL (default: the shipped Shakespeare model), streaming tokens as they come."""
     from localmoe.model import load
     from localmoe.shipped import default_model_path
+    from localmoe.tokenizer.text import clean_text
     model = model or default_model_path()
+    if stats_out:
+        check_output(stats_out)  # before the generation, not after it
     if escape:
         prompt, stop = process_escapes(prompt), [process_escapes(s) for s in stop]
+    prompt, stop = clean_text(prompt), [clean_text(s) for s in stop]
     m = load(model, n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used,
              **offload_kwargs(ram_budget, cache_policy, expert_profile, no_prefetch, gpu_budget, device))
     for piece in m.generate(prompt, max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p,
@@ -33,6 +37,8 @@ def run_cmd(model, prompt, escape, n_predict, temp, top_k, top_p, min_p, repeat_
         click.echo(piece, nl=False)
     click.echo()
     t = m.timings
+    if t.stop == "context":
+        click.echo(f"(stopped: the context of {m.n_ctx} tokens is full; use a larger --ctx)", err=True)
     click.echo(f"prompt: {t.n_prompt} tokens, {_rate(t.n_prompt, t.t_prompt)} | "
                f"decode: {t.n_decode} tokens, {_rate(t.n_decode, t.t_decode)}", err=True)
     report_stats(m, show_stats, stats_out)

@@ -5,6 +5,26 @@ import os
 import tempfile
 from pathlib import Path
 
+from localmoe.errors import LocalMoEError
+
+
+def check_writable(path, what: str = "output") -> Path:
+    """Raise LocalMoEError unless write_atomic(path) can work: the directory exists and takes a
+    new file (tried: a temp file is made and removed), and path is not a directory."""
+    path = Path(path)
+    d = path.parent
+    if path.is_dir():
+        raise LocalMoEError(f"{what} {path} is a directory; give a file name")
+    if not d.is_dir():
+        raise LocalMoEError(f"{what} {path}: the directory {d} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as e:
+        raise LocalMoEError(f"{what} {path}: cannot create files in {d}: {e.strerror or e}") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+    return path
+
 
 def fsync_dir(d) -> None:
     """Make a rename in directory d durable."""

@@ -19,10 +19,18 @@ Decisions:
 - When a turn would not fit in n_ctx the oldest messages leave the context
   (the system prompt stays; the saved history keeps them); a prompt that
   cannot fit even alone is refused and the session goes on.
+- A reply holds the model's lock while it is iterated (Model.generate_tokens):
+  sessions and other users of one Model take turns, a reply at a time. The
+  KV reuse assumes the cache still holds this session's tokens: it does only
+  if no one else used the model since (`Model.cache_user` is this session);
+  otherwise the whole prompt is evaluated again.
+- Text (messages, the system prompt, saved chats) follows the tokenizer's rule:
+  invalid UTF-8 becomes U+FFFD (localmoe.tokenizer.text).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import threading
@@ -34,7 +42,9 @@ import numpy as np
 from localmoe.atomic import write_atomic
 from localmoe.chat_template import ChatTemplate
 from localmoe.errors import LocalMoEError
+from localmoe.model_lock import hold_while_iterating
 from localmoe.sampling import Sampler, SamplingError, StopStrings
+from localmoe.tokenizer.text import clean_text
 
 FORMAT, VERSION = "localmoe-chat", 1
 MAX_FILE_BYTES = 64 << 20
@@ -128,12 +138,18 @@ class Reply:
         self.text = ""
         self.stop_reason = None           # "end", "length", "context" or "interrupted"
         self.expert_hits = None           # i64[n_layer, n_expert]: tokens routed during this turn
-        self._gen = session._generate(self, tokens)
+        self._gen = hold_while_iterating(session.model._lock, session._generate(self, tokens))
 
     def __iter__(self):
         return self._gen
 
+    @property
+    def running(self) -> bool:
+        """Started and not finished: it holds the model until iterated to the end or closed."""
+        return inspect.getgeneratorstate(self._gen) == inspect.GEN_SUSPENDED
+
     def close(self) -> None:
+        """Stop the reply (the partial text stays in the history) and release the model."""
         self._gen.close()
 
 
@@ -145,7 +161,7 @@ class ChatSession:
         self.model = model
         self.tokenizer = model.tokenizer
         self.template = template or ChatTemplate.from_metadata(model.file.metadata, self.tokenizer)
-        self.system = system or None
+        self.system = clean_text(system) if system else None
         self.messages: list[dict] = []    # user/assistant turns, the whole history
         self.start = 0                    # messages[start:] are in the context
         self.max_tokens = max_tokens      # per reply; < 0 = until end of turn or full context
@@ -173,7 +189,7 @@ class ChatSession:
         self.max_tokens = int(n)
 
     def set_system(self, text: str | None) -> None:
-        self.system = text or None
+        self.system = clean_text(text) if text else None
 
     def set_experts(self, k: int) -> None:
         """Active experts per token, changed in place; the cache is re-evaluated next turn."""
@@ -220,9 +236,14 @@ class ChatSession:
     def send(self, text: str) -> Reply:
         """Add a user message and return its Reply (generation runs while it is iterated).
         Raises ContextFullError, leaving the history as it was, when the prompt cannot fit."""
+        if not isinstance(text, str):
+            raise ChatError(f"a message must be a str, got {type(text).__name__}")
+        text = clean_text(text)
         if not text.strip():
             raise ChatError("the message is empty")
         self._ready()
+        if self.last is not None and self.last.running:  # it holds the model: end it here
+            self.last.close()
         self.messages.append({"role": "user", "content": text})
         start = self.start
         try:
@@ -255,8 +276,12 @@ class ChatSession:
                 dropped += 1
 
     def _generate(self, reply: Reply, tokens: list[int]):
+        """Runs holding the model's lock (Reply)."""
         m, tok = self.model, self.tokenizer
         from localmoe.tokenizer import Detokenizer
+        if getattr(m, "cache_user", self) is not self:  # someone else used the model since our last turn
+            self._cached = []
+            m.reset()
         reply.n_reused = keep = reuse_prefix(m, self._cached, tokens)
         detok = Detokenizer(tok)
         stops = StopStrings(self._stops)
@@ -302,6 +327,7 @@ class ChatSession:
             reply.expert_hits = m.store.counts - counts0
             self.messages.append({"role": "assistant", "content": reply.text})
             self._truncate(m.cache.n_past)  # an interrupted forward may have stored less
+            m.cache_user = self
 
     @functools.cached_property
     def _stops(self) -> list[str]:
@@ -311,7 +337,9 @@ class ChatSession:
     def _forward(self, new: list[int]) -> np.ndarray:
         """Evaluate new tokens after the cache; the last one's logits f32[n_vocab]."""
         self._cached += new
-        return self.model.forward(new, all_logits=False)[-1]
+        logits = self.model.forward(new, all_logits=False)[-1]
+        self.model.cache_user = self
+        return logits
 
     def _truncate(self, n: int) -> None:
         del self._cached[n:]
@@ -322,12 +350,14 @@ class ChatSession:
     def warm_up_async(self) -> None:
         def run():
             try:
-                self.model.forward(self.tokenizer.encode("Hi there", add_special=False)[:2] or [0])
-                self.model.forward([0])
+                with self.model._lock.held():  # one unit: another user never sees its cache state
+                    try:
+                        self.model.forward(self.tokenizer.encode("Hi there", add_special=False)[:2] or [0])
+                        self.model.forward([0])
+                    finally:
+                        self.model.reset()
             except BaseException as e:  # re-raised by the first turn
                 self._warm_error = e
-            finally:
-                self.model.reset()
         self._warm = threading.Thread(target=run, name="localmoe-warm-up", daemon=True)
         self._warm.start()
 
@@ -373,6 +403,8 @@ class ChatSession:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ChatError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ChatError(f"{path} is nested too deeply: not a saved chat") from None
         system, messages, options = parse_saved(data, str(path))
         params = {k: options[k] for k in SAMPLING if k in options}
         try:
@@ -399,11 +431,11 @@ def parse_saved(data, where: str) -> tuple[str | None, list[dict], dict]:
     for i, msg in enumerate(msgs):
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
             raise bad(f"message {i} must be an object with a string \"content\"")
-        role = msg.get("role")
+        role, content = msg.get("role"), clean_text(msg["content"])
         if role == "system" and i == 0:
-            system = msg["content"] or None
+            system = content or None
         elif role in ("user", "assistant"):
-            out.append({"role": role, "content": msg["content"]})
+            out.append({"role": role, "content": content})
         else:
             raise bad(f"message {i} has role {role!r} (expected user or assistant"
                       f"{', or system first' if i == 0 else ''})")

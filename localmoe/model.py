@@ -1,7 +1,9 @@
 """Model: load a GGUF MoE model and run it (eval, generate) on the CPU."""
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -12,6 +14,7 @@ from localmoe.errors import LocalMoEError, UnsupportedError
 from localmoe.experts import ExpertStore
 from localmoe.kv_cache import KVCache
 from localmoe.layers import RunBuffers, rms_norm
+from localmoe.model_lock import ModelLock, hold_while_iterating
 from localmoe.weights import load_tensors
 
 DEFAULT_MAX_CTX = 4096
@@ -26,6 +29,53 @@ class Timings:
     t_prompt: float = 0.0
     n_decode: int = 0
     t_decode: float = 0.0
+    stop: str = ""  # why it ended: "end" (end-of-generation), "length", "context" (full), "stop" (string)
+
+
+class ContextLengthWarning(UserWarning):
+    """n_ctx is larger than the context the model was trained with."""
+
+
+def context_bytes(args, n_ctx: int) -> dict:
+    """Memory a context of n_ctx tokens takes: the fp16 KV cache (KVCache), the run buffers
+    (RunBuffers, as the planner counts them) and the RoPE tables."""
+    kv = args.n_layer * n_ctx * args.n_head_kv * (args.head_dim_k + args.head_dim_v) * 2
+    run = RunBuffers.nbytes(args, n_ctx, min(N_UBATCH, n_ctx)) + 2 * n_ctx * (args.rope.n_rot // 2) * 4
+    return {"kv": kv, "run": run, "total": kv + run}
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable), else free pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_context(args, n_ctx: int, available: int | None = None) -> None:
+    """Refuse a context the machine cannot hold (before anything is allocated); warn past
+    the training context."""
+    need = context_bytes(args, n_ctx)
+    avail = available_memory() if available is None else available
+    if avail is not None and need["total"] > avail:
+        raise LocalMoEError(
+            f"a context of {n_ctx} tokens needs {_gib(need['total'])} of memory (KV cache "
+            f"{_gib(need['kv'])}, run buffers {_gib(need['run'])}), but {_gib(avail)} is available: "
+            f"use a smaller context (--ctx / n_ctx)")
+    if n_ctx > args.n_ctx_train:
+        warnings.warn(f"n_ctx={n_ctx} is larger than the model's training context ({args.n_ctx_train}): "
+                      f"output past {args.n_ctx_train} tokens may degrade", ContextLengthWarning, stacklevel=4)
 
 
 class Model:
@@ -40,9 +90,14 @@ class Model:
         self.file = gguf_file
         mod = arch_module(gguf_file.arch)
         self.args = a = mod.ModelArgs.from_gguf(gguf_file, n_expert_used)
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer))):
+            raise LocalMoEError(f"n_ctx must be an integer, got {n_ctx!r}")
         self.n_ctx = int(min(a.n_ctx_train, DEFAULT_MAX_CTX) if n_ctx is None else n_ctx)
         if self.n_ctx < 1:
             raise LocalMoEError(f"n_ctx must be >= 1, got {n_ctx}")
+        check_context(a, self.n_ctx)
+        self._lock = ModelLock()
+        self.cache_user = None  # who last changed the KV cache: None after any Model call (ChatSession marks its turns)
         self.plan = None
         gpu = device not in (None, "cpu") or gpu_budget is not None
         if ram_budget is None:
@@ -91,6 +146,7 @@ class Model:
         thread and file descriptor, and the file mapping. Idempotent; forward afterwards raises."""
         if self.closed:
             return
+        self._lock.wait_idle()  # not while a forward of another thread reads the mapping
         self.closed = True
         if self.gpu is not None:
             self.gpu.close()
@@ -112,16 +168,35 @@ class Model:
     def forward(self, tokens: Sequence[int], all_logits: bool = True) -> np.ndarray:
         """Append tokens to the cache. Logits f32[n_tok, n_vocab] for each of them, or
         f32[1, n_vocab] for the last one only. Runs in micro-batches of N_UBATCH tokens
-        (like llama.cpp's n_ubatch) so attention scratch stays bounded for long prompts."""
-        if self.closed:
-            raise LocalMoEError("the model is closed")
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
+        (like llama.cpp's n_ubatch) so attention scratch stays bounded for long prompts.
+        Calls from several threads are serialised (see Model.generate_tokens)."""
+        ids = self._token_ids(tokens)
+        with self._lock.held():
+            if self.closed:
+                raise LocalMoEError("the model is closed")
+            self.cache_user = None
+            self.cache.check_room(ids.size)
+            return self._forward(ids, all_logits)
+
+    def _token_ids(self, tokens) -> np.ndarray:
+        """tokens as i64[n], or LocalMoEError for a non-integer or out-of-vocabulary id."""
+        try:
+            raw = np.asarray(tokens).reshape(-1)
+        except (ValueError, TypeError) as e:
+            raise LocalMoEError(f"token ids must be a flat sequence of integers: {e}") from None
+        if raw.size == 0:
             raise LocalMoEError("no tokens to evaluate")
-        bad = ids[(ids < 0) | (ids >= self.n_vocab)]
-        if bad.size:
-            raise LocalMoEError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.n_vocab - 1})")
-        self.cache.check_room(ids.size)
+        kind = raw.dtype.kind  # "O": Python ints past 64 bits, or mixed objects
+        if kind not in "iuO" or (kind == "O" and not all(isinstance(t, (int, np.integer)) for t in raw)) or \
+                (kind == "O" and any(isinstance(t, bool) for t in raw)):
+            bad = next(t for t in raw.tolist() if isinstance(t, bool) or not isinstance(t, (int, np.integer)))
+            raise LocalMoEError(f"token ids must be integers, got {bad!r}")
+        outside = (raw < 0) | (raw >= self.n_vocab)
+        if outside.any():  # int(): exact for uint64 and Python ints alike
+            raise LocalMoEError(f"token id {int(raw[outside][0])} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return raw.astype(np.int64)
+
+    def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         if self.gpu is not None:
             return self.gpu.forward(ids, all_logits)
         out = []
@@ -145,11 +220,14 @@ class Model:
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits f32[len(tokens), n_vocab] for every position, from an empty cache, batched."""
-        self.reset()
-        return self.forward(tokens)
+        with self._lock.held():
+            self.reset()
+            return self.forward(tokens)
 
     def reset(self) -> None:
-        self.cache.reset()
+        with self._lock.held():
+            self.cache_user = None
+            self.cache.reset()
 
     def set_expert_used(self, k: int) -> None:
         """Change the active experts per token without reloading (as load(n_expert_used=k));
@@ -157,34 +235,49 @@ class Model:
         if not 1 <= k <= self.args.n_expert:
             raise UnsupportedError(f"n_expert_used={k}: this model has {self.args.n_expert} experts "
                                    f"(use 1..{self.args.n_expert})")
-        self.args = replace(self.args, n_expert_used=int(k))
-        for blk in self.blocks:
-            blk.args = self.args
-        self.reset()
+        with self._lock.held():
+            self.args = replace(self.args, n_expert_used=int(k))
+            for blk in self.blocks:
+                blk.args = self.args
+            self.reset()
 
     def generate_tokens(self, prompt_tokens: Sequence[int], max_tokens: int = 128,
                         **sampling) -> Iterator[int]:
-        """Sampled token ids after the prompt (which starts a fresh cache); stops at end-of-generation."""
+        """Sampled token ids after the prompt (which starts a fresh cache); stops at end-of-generation.
+
+        The generation holds the model's lock from its first step to its end: other threads'
+        generate/forward/eval calls on this Model wait for it (they are serialised, never
+        interleaved). Closing the generator (or dropping it) releases the lock early; one left
+        suspended and referenced keeps the model busy."""
         from localmoe.sampling import Sampler
-        if max_tokens < 0:
-            raise LocalMoEError(f"max_tokens must be >= 0, got {max_tokens}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise LocalMoEError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
         prompt = list(prompt_tokens)
         if not prompt:
             raise LocalMoEError("the prompt is empty")
+        self._token_ids(prompt)
         sampler = Sampler(**sampling)
+        return hold_while_iterating(self._lock, self._generate_tokens(prompt, max_tokens, sampler))
+
+    def _generate_tokens(self, prompt: list[int], max_tokens: int, sampler) -> Iterator[int]:
         eog = self.tokenizer.is_eog
         self.reset()
         t0 = time.perf_counter()
         logits = self.forward(prompt, all_logits=False)[-1]
         self.timings = Timings(len(prompt), time.perf_counter() - t0)
         history = list(prompt)
+        self.timings.stop = "length"
         for i in range(max_tokens):
             tok = sampler.sample(logits, history)
             if eog(tok):
+                self.timings.stop = "end"
                 return
             yield tok
             history.append(tok)
-            if i + 1 == max_tokens or len(history) >= self.n_ctx:
+            if i + 1 == max_tokens:
+                return
+            if len(history) >= self.n_ctx:
+                self.timings.stop = "context"
                 return
             t0 = time.perf_counter()
             logits = self.forward([tok])[0]
@@ -208,6 +301,7 @@ class Model:
                 yield text
             if stopped:
                 toks.close()
+                self.timings.stop = "stop"
                 return
         text, _ = stops.feed(detok.flush())
         tail = text + stops.flush()
@@ -237,6 +331,8 @@ def load(path, n_threads: int | None = None, n_ctx: int | None = None,
     ram_budget, policy, expert_profile, prefetch (see Model; localmoe.planner), gpu_budget, device
     (localmoe.gpu)."""
     from localmoe.gguf_file import open_gguf
+    if not isinstance(path, (str, os.PathLike)):
+        raise LocalMoEError(f"load() needs the path of a GGUF file, got {type(path).__name__}")
     unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch", "gpu_budget", "device"}
     if unknown:
         raise LocalMoEError(f"unknown load options: {', '.join(sorted(unknown))}")

@@ -8,8 +8,11 @@ alignment. Types come from quant_mix.plan_types.
 
 Memory stays bounded whatever the model size: tensors are streamed in slabs
 of whole rows (F16/BF16/F32 rows read from the mapped input by the quantize
-kernel itself, quantized, written, unmapped), and the output goes to
-OUT.partial, which is validated and renamed only when complete.
+kernel itself, quantized, written, unmapped), and the output goes to a
+temp file of a unique name beside OUT (.OUT.XXXX.partial), which is validated
+and renamed only when complete. One writer per output: a second quantize to the
+same OUT is refused while the first runs (an flock on .OUT.lock). SIGTERM is
+handled like Ctrl-C: the temp file is removed and the error says so.
 """
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ import math
 import mmap
 import os
 import shutil
+import signal
 import struct
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +53,10 @@ _SCALE_OFFSETS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.
 
 class QuantizeError(LocalMoEError):
     """The quantization cannot run or failed (output exists, disk full, bad values...)."""
+
+
+class QuantizeTerminated(QuantizeError):
+    """SIGTERM arrived while writing (handled like KeyboardInterrupt: the temp file is removed)."""
 
 
 @dataclass
@@ -275,6 +285,7 @@ def _write_tensor(src: _Source, dst, ti, t: TensorPlan, alignment: int, progress
     slab = max(1, SLAB_BYTES // (4 * n_cols))
     kernel = row_kernel(int(t.new)) if t.converts else None
     for r0 in range(0, n_rows, slab):
+        _check_terminated()
         n = min(slab, n_rows - r0)
         at = ti.offset + r0 * rb_in
         src.advise(mmap.MADV_WILLNEED, at + n * rb_in, min(slab, n_rows - r0 - n) * rb_in)
@@ -331,53 +342,127 @@ def quantize(in_path, out_path, qtype: str, threads: int | None = None, force: b
         if dry_run:
             return plan
         _check_inputs(plan, gf.path, allow_requantize)
-        if out.exists() and not force:
-            raise QuantizeError(f"{out} already exists; pass --force to overwrite it")
         if out.is_dir():
             raise QuantizeError(f"{out} is a directory; give an output file name")
         out_dir = out.parent
         if not out_dir.is_dir():
             raise QuantizeError(f"output directory {out_dir} does not exist")
-        free = shutil.disk_usage(out_dir).free
-        if free < plan.output_size:
-            raise QuantizeError(f"not enough disk space in {out_dir}: the output needs "
-                                f"{plan.output_size / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
-        if plan.requantized and progress is not False:
-            print(f"warning: requantizing {len(plan.requantized)} already quantized tensors "
-                  f"(dequantize, then quantize again): expect lower quality than quantizing "
-                  f"from the F16/BF16 model", file=sys.stderr)
-        with _threads(threads):
-            _write_atomic(gf, plan, out, progress)
+        with _output_lock(out):  # first: it also shows whether the directory takes files at all
+            if out.exists() and not force:
+                raise QuantizeError(f"{out} already exists; pass --force to overwrite it")
+            free = shutil.disk_usage(out_dir).free
+            if free < plan.output_size:
+                raise QuantizeError(f"not enough disk space in {out_dir}: the output needs "
+                                    f"{plan.output_size / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+            if plan.requantized and progress is not False:
+                print(f"warning: requantizing {len(plan.requantized)} already quantized tensors "
+                      f"(dequantize, then quantize again): expect lower quality than quantizing "
+                      f"from the F16/BF16 model", file=sys.stderr)
+            with _threads(threads), _sigterm_raises():
+                _write_atomic(gf, plan, out, progress)
     return plan
 
 
-def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
-    partial = out.with_name(out.name + ".partial")
-    bar = _Progress(plan, progress)
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """Hold an exclusive flock on .OUT.lock beside out for the block; QuantizeError when another
+    writer holds it, or with the real cause when the directory does not take new files."""
     try:
-        src = _Source(gf.path)
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer is the user's business
+        yield
+        return
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
         try:
-            with open(partial, "wb") as dst:
-                dst.write(plan.header)
-                scratch = _Scratch()
-                for t in plan.tensors:
-                    bar.tensor(t)
-                    _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
-                dst.flush()
-                os.fsync(dst.fileno())
-        finally:
-            src.close()
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise QuantizeError(f"cannot write {out}: cannot create files in {out.parent}: "
+                                f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QuantizeError(f"another quantize-model is writing {out} (it holds {lock}); "
+                                f"wait for it to finish or choose another output") from None
+        try:  # the holder before us may have removed the file we locked: lock the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        _unlink_quietly(lock)  # while still locked: the next writer re-checks the inode
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM makes the write raise QuantizeTerminated at its next slab, so the cleanup runs as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):  # only a flag: an exception raised here could land in a ctypes
+        _terminated.set()        # callback or numba's cache loading, which swallow it
+    _terminated.clear()
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _terminated.clear()
+
+
+# set by SIGTERM; the write loop checks it before each slab (a fraction of a second apart)
+_terminated = threading.Event()
+
+
+def _check_terminated() -> None:
+    if _terminated.is_set():
+        raise QuantizeTerminated("quantize-model stopped by SIGTERM; the partial output was removed")
+
+
+def _unlink_quietly(path) -> None:
+    """Remove path if possible: a cleanup error must not replace the error being reported."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_atomic(gf: GGUFFile, plan: Plan, out: Path, progress) -> None:
+    bar = _Progress(plan, progress)
+    partial = None
+    try:
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+        partial = Path(name)
+        with os.fdopen(fd, "wb") as dst, contextlib.closing(_Source(gf.path)) as src:
+            os.chmod(dst.fileno(), 0o644)  # mkstemp makes it 0600; this is an ordinary output file
+            dst.write(plan.header)
+            scratch = _Scratch()
+            for t in plan.tensors:
+                bar.tensor(t)
+                _write_tensor(src, dst, gf.tensors[t.name], t, plan.alignment, bar, scratch)
+            dst.flush()
+            os.fsync(dst.fileno())
+        _check_terminated()
         size = partial.stat().st_size
         if size != plan.output_size:
             raise QuantizeError(f"{partial}: wrote {size} bytes, planned {plan.output_size}")
         open_gguf(partial).close()   # the header reads back as a valid GGUF
         os.replace(partial, out)
+        partial = None
         fsync_dir(out.parent)
     except OSError as e:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            _unlink_quietly(partial)
         raise QuantizeError(f"writing {out} failed: {e.strerror or e}") from e
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            _unlink_quietly(partial)
         raise
     finally:
         bar.close()

@@ -3,7 +3,7 @@
 The chain is the one llama-cpp-python builds by default:
     repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
 top-p and min-p therefore see probabilities at temperature 1, and the
-temperature only reshapes what survives. temperature <= 0 is greedy.
+temperature only reshapes what survives. temperature <= 0 is greedy; seed None or -1 draws a random seed.
 """
 from __future__ import annotations
 
@@ -19,29 +19,54 @@ class SamplingError(LocalMoEError, ValueError):
     """A sampling parameter is out of range."""
 
 
-def _check(name: str, value: float, ok: bool, rule: str) -> None:
-    if not ok or (isinstance(value, float) and math.isnan(value)):
+def _number(name: str, value) -> float:
+    """value as a float; SamplingError for a non-number (bool, str, None...) or an int beyond float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SamplingError(f"{name}={value!r}: must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise SamplingError(f"{name}={value!r}: out of range") from None
+
+
+def _check(name: str, value, ok, rule: str) -> None:
+    x = _number(name, value)
+    if math.isnan(x) or not ok(x):
         raise SamplingError(f"{name}={value!r}: must be {rule}")
+
+
+def _integral(x: float) -> bool:
+    return math.isfinite(x) and x == int(x)
+
+
+def check_seed(seed) -> int | None:
+    """A seed as Sampler takes it: None or -1 draw a random one (llama.cpp's LLAMA_DEFAULT_SEED),
+    otherwise a non-negative integer."""
+    if seed is None or (not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and seed == -1):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SamplingError(f"seed={seed!r}: must be a non-negative integer, or -1 for a random seed")
+    return int(seed)
 
 
 class Sampler:
     def __init__(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                  seed: int | None = None):
-        _check("temperature", temperature, math.isfinite(temperature), "a finite number (<= 0 is greedy)")
-        _check("top_k", top_k, int(top_k) == top_k, "an integer (<= 0 disables it)")
-        _check("top_p", top_p, 0.0 < top_p <= 1.0, "in (0, 1] (1 disables it)")
-        _check("min_p", min_p, 0.0 <= min_p <= 1.0, "in [0, 1] (0 disables it)")
-        _check("repeat_penalty", repeat_penalty, 0.0 < repeat_penalty < math.inf, "a positive number (1 disables it)")
-        _check("repeat_last_n", repeat_last_n, int(repeat_last_n) == repeat_last_n and repeat_last_n >= 0,
-               "a non-negative integer")
+        _check("temperature", temperature, math.isfinite, "a finite number (<= 0 is greedy)")
+        _check("top_k", top_k, _integral, "an integer (<= 0 disables it)")
+        _check("top_p", top_p, lambda x: 0.0 < x <= 1.0, "in (0, 1] (1 disables it)")
+        _check("min_p", min_p, lambda x: 0.0 <= x <= 1.0, "in [0, 1] (0 disables it)")
+        _check("repeat_penalty", repeat_penalty, lambda x: 0.0 < x < math.inf, "a positive number (1 disables it)")
+        _check("repeat_last_n", repeat_last_n, lambda x: _integral(x) and x >= 0, "a non-negative integer")
         self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), int(top_k), float(top_p), float(min_p)
         self.repeat_penalty, self.repeat_last_n = float(repeat_penalty), int(repeat_last_n)
-        self.seed = seed
+        self.seed = seed  # as given (-1 stays -1, so a saved chat keeps "random")
+        self._seed = check_seed(seed)
         self.reset()
 
     def reset(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = np.random.default_rng(self._seed)
 
     @property
     def greedy(self) -> bool:
@@ -96,7 +121,8 @@ class StopStrings:
     """Cuts streamed text at the first stop string, holding back possible prefixes."""
 
     def __init__(self, stops: Sequence[str] = ()):
-        self.stops = [s for s in stops if s]
+        from .tokenizer.text import clean_text
+        self.stops = [clean_text(s) for s in stops if s]
         self.pending = ""
         self.stopped = False
 

@@ -293,7 +293,8 @@ def test_failure_mid_write_leaves_no_partial_and_keeps_old_output(tiny, tmp_path
     def failing(*args):
         calls.append(1)
         if len(calls) == 5:
-            assert (tmp_path / "o.gguf.partial").stat().st_size > 0   # it was being written
+            partial, = tmp_path.glob(".o.gguf.*.partial")   # a unique temp name beside the output
+            assert partial.stat().st_size > 0   # it was being written
             raise exc
         return real(*args)
     monkeypatch.setattr(qmod, "_write_tensor", failing)

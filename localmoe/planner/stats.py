@@ -12,29 +12,44 @@ from localmoe.errors import LocalMoEError
 from .budget import format_size
 
 VERSION = 1
+MAX_PROFILE_BYTES = 64 << 20  # a profile holds n_layer x n_expert counts: far less
 
 
 def save_stats(path, stats: dict) -> None:
     """Write stats as JSON atomically: a reader sees the old file or the new one, never half."""
-    write_atomic(path, json.dumps({"version": VERSION, **stats}))
+    try:
+        write_atomic(path, json.dumps({"version": VERSION, **stats}))
+    except OSError as e:
+        raise LocalMoEError(f"cannot write the statistics to {path}: {e.strerror or e}") from None
 
 
 def load_profile(path, n_layer: int, n_expert: int) -> np.ndarray:
     """i64[n_layer, n_expert] hit counts from a stats file saved for this model."""
     try:
-        with open(path) as f:
-            d = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise ValueError(f"larger than {MAX_PROFILE_BYTES >> 20} MiB")
+        d = json.loads(raw)
     except (OSError, ValueError) as e:
         raise LocalMoEError(f"expert profile {path}: cannot read it as JSON: {e}") from None
+    except RecursionError:
+        raise LocalMoEError(f"expert profile {path}: cannot read it as JSON: nested too deeply") from None
     counts = d.get("counts") if isinstance(d, dict) else None
     try:
-        c = np.asarray(counts, np.int64)
-    except (TypeError, ValueError):
+        c = np.asarray(counts)
+    except (TypeError, ValueError, RecursionError):
         c = None
+    if c is not None and c.dtype.kind not in "iu":  # floats, bools, strings, ragged or huge numbers
+        c = None
+    if c is not None and c.dtype.kind == "u" and c.size and c.max() > np.iinfo(np.int64).max:
+        c = None
+    if c is not None:
+        c = c.astype(np.int64)
     if c is None or c.shape != (n_layer, n_expert) or (c < 0).any():
         shape = None if c is None else c.shape
         raise LocalMoEError(f"expert profile {path}: 'counts' must be {n_layer} x {n_expert} non-negative "
-                            f"integers for this model, got shape {shape}")
+                            f"integers for this model, got {'shape ' + str(shape) if shape else 'something else'}")
     return c
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 
 from .pretok import PRE
+from .text import as_text
 from .stream import Detokenizer
 
 # llama_token_attr bits
@@ -256,7 +257,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool = True, special: bool = False) -> list[int]:
         """llama_tokenize: add_special adds BOS/EOS where the vocab says to; special=True
-        parses control-token text (e.g. "<|im_end|>") into those tokens."""
+        parses control-token text (e.g. "<|im_end|>") into those tokens. Invalid UTF-8 (lone
+        surrogates in a str, bad bytes in bytes) becomes U+FFFD (localmoe.tokenizer.text)."""
+        text = as_text(text)
         out: list[int] = []
         if add_special and self.add_bos:
             if self.bos_id is None:
