@@ -401,7 +401,7 @@ class ChatSession:
             raise ChatError(f"cannot read {path}: {e.strerror}") from None
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, or an integer of > 4300 digits
             raise ChatError(f"{path} is not valid JSON: {e}") from None
         except RecursionError:
             raise ChatError(f"{path} is nested too deeply: not a saved chat") from None

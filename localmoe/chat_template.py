@@ -275,12 +275,15 @@ def environment() -> ImmutableSandboxedEnvironment:
 
 class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
+        if source is not None and not isinstance(source, str):
+            raise ChatTemplateError(f"the chat template must be text, got {type(source).__name__}")
         self.source = source if source else FALLBACK_TEMPLATE
         self.is_fallback = not source
         self.bos_token, self.eos_token = bos_token, eos_token
         try:
             self._template = environment().from_string(self.source)
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, SyntaxError) as e:
+            # jinja2 leaves some errors to Python's compiler of the generated code ('break' outside a loop)
             raise ChatTemplateError(f"chat template does not compile: {e}") from None
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
