@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from localmoe.errors import LocalMoEError
 
 from .budget import format_size, parse_size
-from .plan import N_UBATCH, Footprint, footprint
+from .plan import N_UBATCH, Footprint, footprint, spread_slots
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
@@ -102,16 +102,4 @@ def gpu_plan(gguf_file, args, n_ctx: int, budget, fp: Footprint | None = None) -
             f"{format_size(minimum)} ({minimum} bytes): non-expert weights {format_size(weights)} + "
             f"KV cache {format_size(fp.kv_bytes)} (n_ctx={n_ctx}, fp16) + device buffers {format_size(scratch)}; "
             f"raise --gpu-budget or lower n_ctx")
-    left = nbytes - minimum
-    slots = {le.layer: 0 for le in fp.layers}
-    per_round = sum(le.expert_bytes for le in fp.layers)
-    if per_round:
-        even = min(left // per_round, fp.n_expert)
-        for le in fp.layers:
-            slots[le.layer] = int(even)
-        left -= even * per_round
-        for le in fp.layers:  # the remainder, one slot at a time from the first layer
-            if slots[le.layer] < fp.n_expert and left >= le.expert_bytes:
-                slots[le.layer] += 1
-                left -= le.expert_bytes
-    return GpuPlan(nbytes, fp, weights, fp.kv_bytes, scratch, slots)
+    return GpuPlan(nbytes, fp, weights, fp.kv_bytes, scratch, spread_slots(fp, nbytes - minimum))

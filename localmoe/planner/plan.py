@@ -155,7 +155,6 @@ def make_plan(fp: Footprint, budget: int) -> Plan:
             f"{format_size(fp.run_bytes)} + one layer's {fp.n_expert_used} active experts "
             f"{format_size(fp.n_expert_used * fp.max_expert_bytes)}; raise the budget or lower n_ctx")
     left = budget - fp.fixed_bytes
-    slots = {le.layer: 0 for le in fp.layers}
     notes = []
     if left >= fp.all_experts_bytes:
         return Plan(budget, fp, {le.layer: fp.n_expert for le in fp.layers}, 0,
@@ -166,14 +165,7 @@ def make_plan(fp: Footprint, budget: int) -> Plan:
         shared = fp.n_expert_used
         left -= shared * fp.max_expert_bytes
         notes.append(f"budget below one slot per MoE layer: {shared} shared streaming slots")
-    even = min(left // per_round, fp.n_expert)
-    for le in fp.layers:
-        slots[le.layer] = int(even)
-    left -= even * per_round
-    for le in fp.layers:  # the remainder, one slot at a time from the first layer
-        if slots[le.layer] < fp.n_expert and left >= le.expert_bytes:
-            slots[le.layer] += 1
-            left -= le.expert_bytes
+    slots = spread_slots(fp, left)
     if shared and all(slots.values()):
         shared, notes = 0, []  # the remainder covered every layer
     return Plan(budget, fp, slots, shared, notes=notes)
@@ -182,3 +174,16 @@ def make_plan(fp: Footprint, budget: int) -> Plan:
 def plan_for(gguf_file, args, n_ctx: int, budget: int) -> Plan:
     return make_plan(footprint(gguf_file, args, n_ctx), budget)
 
+
+def spread_slots(fp, left: int) -> dict[int, int]:
+    """Expert slots per MoE layer that `left` bytes buy: the same number in every layer, then the
+    remainder one slot at a time from the first layer (layers' experts may differ in size)."""
+    per_round = sum(le.expert_bytes for le in fp.layers)
+    even = min(left // per_round, fp.n_expert) if per_round else 0
+    slots = {le.layer: int(even) for le in fp.layers}
+    left -= even * per_round
+    for le in fp.layers:
+        if slots[le.layer] < fp.n_expert and left >= le.expert_bytes:
+            slots[le.layer] += 1
+            left -= le.expert_bytes
+    return slots
