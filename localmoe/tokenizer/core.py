@@ -62,10 +62,39 @@ class InvalidTokenError(LocalMoEError, IndexError):
     """A token id outside the vocabulary."""
 
 
+def _check_types(md: Mapping) -> None:
+    """The tokenizer keys read below hold GGUF's type for them (files come from strangers):
+    anything else is a GGUFFormatError naming the key, not a TypeError deep inside."""
+    def want(key, ok, what):
+        v = md.get(key)
+        if v is not None and not ok(v):
+            raise GGUFFormatError(f"{key} must be {what}, got {type(v).__name__} {str(v)[:40]!r}")
+
+    def array_of(kinds):
+        return lambda v: isinstance(v, (list, tuple, np.ndarray)) and np.asarray(v).dtype.kind in kinds
+
+    def strings(v):
+        return isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v)
+
+    g = "tokenizer.ggml."
+    for key in ("model", "pre"):
+        want(g + key, lambda v: isinstance(v, str), "a string")
+    for key in ("tokens", "merges"):
+        want(g + key, strings, "an array of strings")
+    want(g + "token_type", array_of("iu"), "an array of integers")
+    want(g + "scores", array_of("iuf"), "an array of numbers")
+    for key in ("add_space_prefix", "add_bos_token", "add_eos_token"):
+        want(g + key, lambda v: isinstance(v, (bool, np.bool_)), "a boolean")
+    for role in ("bos", "eos", "eot", "eom", "unknown", "padding", *(f"fim_{k}" for k in _FIM_TEXTS)):
+        want(f"{g}{role}_token_id", lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+             "an integer")
+
+
 class Tokenizer:
     """llama.cpp-compatible tokenizer for SPM ("llama") and byte-level BPE ("gpt2") vocabularies."""
 
     def __init__(self, md: Mapping):
+        _check_types(md)
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise GGUFFormatError("no tokenizer in this file (tokenizer.ggml.model is missing)")
