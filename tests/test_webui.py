@@ -5,10 +5,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -19,22 +15,16 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from serve_util import Server
 
 CHROMIUM = "/usr/bin/chromium"          # apt: chromium
 CHROMEDRIVER = "/usr/bin/chromedriver"  # apt: chromium-driver (the same version)
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shipped" / "shakespeare-moe-Q8_0.gguf"
 XSS = "<img src=x onerror=alert(1)>"
-START_TIMEOUT = 300  # s: a fresh checkout compiles the numba kernels before /health says ok
 REPLY_TIMEOUT = 120  # s: a busy 2-core machine decodes this model at ~15 tokens/s
 
 # Records alert() calls instead of blocking on them; installed before any page script runs.
 ALERT_HOOK = "window.__alerts = []; window.alert = (m) => { window.__alerts.push(String(m)); };"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, body=None):
@@ -67,36 +57,12 @@ def stored_messages(driver):
 
 @contextlib.contextmanager
 def serving(log_dir: Path, *options, model: Path = MODEL):
-    """A real `localmoe serve` on a free local port; yields its URL."""
-    exe = shutil.which("localmoe")
-    assert exe, "the localmoe command is not installed (pip install -e .)"
-    port = free_port()
-    log_path = log_dir / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([exe, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "--threads", "2", *options], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """A real `localmoe serve` on a free local port (tests/serve_util.Server); yields its URL."""
+    srv = Server(str(model), "--threads", "2", *options, log=log_dir / "serve.log")
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"localmoe serve exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if get_json(url + "/health").get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"localmoe serve not healthy after {START_TIMEOUT} s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url
+        yield srv.wait_ready().url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")
