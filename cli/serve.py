@@ -22,6 +22,9 @@ from .plan import offload_kwargs, offload_options, report_stats
               help="List every GGUF here; a request naming one loads it in place of the resident model.")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
               help="Requests that may wait for the model; more get 503 with Retry-After.")
+@click.option("--parallel", "n_parallel", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Requests run at once, batched into each forward pass; each has a KV cache of --ctx "
+                   "tokens, whose memory is committed as it fills. Further requests wait (--max-queue).")
 @click.option("--max-body", default="4M", show_default=True, metavar="SIZE",
               help="Largest request body (e.g. 4M); larger ones get 413.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
@@ -33,7 +36,7 @@ from .plan import offload_kwargs, offload_options, report_stats
               help="Context length in tokens (default: min(training context, 4096)).")
 @sampling_options
 @offload_options
-def serve_cmd(model, host, port, api_key, models_dir, max_queue, max_body, cors_origins, reasoning_format,
+def serve_cmd(model, host, port, api_key, models_dir, max_queue, n_parallel, max_body, cors_origins, reasoning_format,
               n_ctx, temp, top_k, top_p, min_p, repeat_penalty, seed, threads, n_expert_used, show_stats,
               stats_out, **offload):
     """Serve MODEL (default: the shipped Shakespeare model) over HTTP: the OpenAI API under /v1,
@@ -57,7 +60,7 @@ def serve_cmd(model, host, port, api_key, models_dir, max_queue, max_body, cors_
     sock = _listen(host, port)
     load_opts = dict(n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used, **offload_kwargs(**offload))
     engine = Engine(model or default_model_path(), models_dir, load_opts, max_queue,
-                    reasoning=reasoning_format == "deepseek")
+                    reasoning=reasoning_format == "deepseek", n_parallel=n_parallel)
     engine.on_exit = lambda m: report_stats(m, show_stats, stats_out)
     app = create_app(engine, sampling, api_key=api_key, max_body=limit, cors_origins=cors_origins)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10,

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from localmoe.weights import Linear
+from localmoe.weights import Linear, row_seq
 
 
 class ExpertStore:
     def __init__(self, stacks: dict[tuple[int, str], Linear], n_layer: int, n_expert: int):
         self._stacks = stacks  # (layer, GGUF name like "ffn_up_exps") -> Linear (n_expert, out, in)
         self.counts = np.zeros((n_layer, n_expert), np.int64)  # i64[n_layer, n_expert]: tokens routed
+        # one i64[n_layer, n_expert] per sequence of the batch being run (Model.forward_seqs), or None:
+        # the server's per-request counts while requests share a batch
+        self.seq_counts: list[np.ndarray] | None = None
 
     @classmethod
     def from_blocks(cls, blocks, n_expert: int, **kw) -> "ExpertStore":
@@ -41,6 +44,13 @@ class ExpertStore:
     def note_selected(self, layer: int, expert_ids: np.ndarray) -> None:
         """expert_ids i32[n_tok, k]: the router's picks for this layer's tokens."""
         np.add.at(self.counts[layer], expert_ids.reshape(-1), 1)
+        if self.seq_counts is not None:
+            seq = row_seq(expert_ids.shape[0])
+            if seq is None:  # one sequence
+                np.add.at(self.seq_counts[0][layer], expert_ids.reshape(-1), 1)
+            else:
+                for s, c in enumerate(self.seq_counts):
+                    np.add.at(c[layer], expert_ids[seq == s].reshape(-1), 1)
 
     def before_block(self, layer: int, x: np.ndarray) -> None:
         """Hook: block `layer` is about to run on the residual stream x f32[n_tok, n_embd]."""

@@ -15,7 +15,7 @@ from localmoe.experts import ExpertStore
 from localmoe.kv_cache import KVCache
 from localmoe.layers import RunBuffers, rms_norm
 from localmoe.model_lock import ModelLock, hold_while_iterating
-from localmoe.weights import load_tensors
+from localmoe.weights import ROW_SEQ, load_tensors
 
 DEFAULT_MAX_CTX = 4096
 N_UBATCH = 512  # tokens per forward pass through the blocks
@@ -209,14 +209,63 @@ class Model:
 
     def _hidden(self, ids: np.ndarray) -> np.ndarray:
         """Run the blocks over ids at the next cache positions -> f32[n_tok, n_embd]."""
-        p0 = self.cache.n_past
-        cos, sin = self.cos[p0:p0 + ids.size], self.sin[p0:p0 + ids.size]
-        x = self.token_embd.get_rows(ids)  # f32[n_tok, n_embd]
-        for blk in self.blocks:
-            self.store.before_block(blk.il, x)
-            x = blk(x, self.cache, cos, sin)
-        self.cache.advance(ids.size)
+        return self._hidden_seqs([(self.cache, ids)])
+
+    def _hidden_seqs(self, seqs) -> np.ndarray:
+        """seqs [(KVCache, i64[n_i])]: each sequence's ids at its cache's next positions, as one
+        batch of sum(n_i) rows -> f32[sum(n_i), n_embd]. Only attention looks across rows, and it
+        runs per sequence; every other op is row-wise, so a sequence's rows do not depend on
+        what else is in the batch."""
+        parts = [(c, self.cos[c.n_past:c.n_past + i.size], self.sin[c.n_past:c.n_past + i.size]) for c, i in seqs]
+        x = self.token_embd.get_rows(np.concatenate([i for _, i in seqs]) if len(seqs) > 1 else seqs[0][1])
+        seq = np.repeat(np.arange(len(seqs), dtype=np.int32), [i.size for _, i in seqs]) if len(seqs) > 1 else None
+        token = ROW_SEQ.set(seq)
+        try:
+            for blk in self.blocks:
+                self.store.before_block(blk.il, x)
+                x = blk.run(x, parts)
+        finally:
+            ROW_SEQ.reset(token)
+        for c, i in seqs:
+            c.advance(i.size)
         return x
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache shaped like the model's own, for forward_seqs. Its pages are
+        committed as positions fill (np.zeros), so an unused one costs address space only."""
+        a = self.args
+        return KVCache(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim_k, a.head_dim_v)
+
+    def forward_seqs(self, seqs) -> np.ndarray:
+        """Several sequences in one pass: seqs [(KVCache, token ids)], each cache from
+        new_cache() (or the model's own); at most N_UBATCH tokens in all. Appends each
+        sequence's tokens to its cache and returns the logits of each one's last token,
+        f32[len(seqs), n_vocab]. A sequence's logits are those forward would give it alone."""
+        parts = [(c, self._token_ids(t)) for c, t in seqs]
+        n = sum(i.size for _, i in parts)
+        if not parts or n > N_UBATCH:
+            raise LocalMoEError(f"forward_seqs takes 1..{N_UBATCH} tokens in all, got {n}")
+        if len({id(c) for c, _ in parts}) != len(parts):
+            raise LocalMoEError("forward_seqs: each sequence needs a KV cache of its own")
+        with self._lock.held():
+            if self.closed:
+                raise LocalMoEError("the model is closed")
+            for c, i in parts:
+                if c.k.shape != self.cache.k.shape or c.v.shape != self.cache.v.shape:
+                    raise LocalMoEError("forward_seqs: a KV cache not shaped for this model (use new_cache())")
+                c.check_room(i.size)
+            self.cache_user = None
+            if self.gpu is not None:
+                if len(parts) > 1 or parts[0][0] is not self.cache:
+                    raise UnsupportedError("--device cuda runs one sequence, in the model's own cache")
+                return self.gpu.forward(parts[0][1], False)[-1:]
+            last = np.cumsum([i.size for _, i in parts]) - 1
+            h = self._hidden_seqs(parts)[last]
+            token = ROW_SEQ.set(np.arange(len(parts), dtype=np.int32))  # one row each, as alone
+            try:
+                return self.output(rms_norm(h, self.output_norm, self.args.norm_eps))
+            finally:
+                ROW_SEQ.reset(token)
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits f32[len(tokens), n_vocab] for every position, from an empty cache, batched."""

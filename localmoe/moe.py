@@ -16,7 +16,7 @@ def swiglu_ffn(x, gate, up, down) -> np.ndarray:
     """down(silu(gate x) * up x). x f32[n_tok, n_embd] or its Activation; gate/up/down: Linear; gate may be None."""
     x = x if isinstance(x, Activation) else Activation(x)  # gate and up share x's conversion
     u = up(x)
-    return down(silu(u) if gate is None else silu(gate(x)) * u)
+    return down(Activation(silu(u) if gate is None else silu(gate(x)) * u, seq=x.seq))
 
 
 def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextvars import ContextVar
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,27 @@ from gguf import GGMLQuantizationType as T
 
 from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 from localmoe.quant import QuantType, quant_type
+
+
+# Model.forward_seqs runs several sequences as one batch and sets this to each row's sequence
+# i32[n_tok]. llama.cpp's CPU kernel for F32/F16/BF16 weights depends on the row count (a
+# one-token dot product, or sgemm for a batch), so those weights run each sequence's rows on
+# their own, as the sequence would alone; quantized kernels are row-wise and need no split.
+ROW_SEQ: ContextVar[np.ndarray | None] = ContextVar("ROW_SEQ", default=None)
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+def row_seq(n_tok: int) -> np.ndarray | None:
+    """The sequence of each of n_tok batch rows, or None (one sequence, or not these rows)."""
+    seq = ROW_SEQ.get()
+    return seq if seq is not None and seq.shape[0] == n_tok else None
+
+
+def by_sequence(seq: np.ndarray | None):
+    """Row indices per sequence, or None when there is one sequence."""
+    if seq is None or seq.size < 2 or (seq == seq[0]).all():
+        return None
+    return [np.flatnonzero(seq == s) for s in np.unique(seq)]
 
 
 class Linear:
@@ -58,7 +80,15 @@ class Linear:
         if x.shape[-1] != self.n_in or out.shape != (x.shape[0], self.n_out):  # the nogil kernels do not check
             raise LocalMoEError(f"{self.name} {self.shape}: inputs {x.shape} / outputs {out.shape} do not fit")
         act = x.prepared(self.qt) if isinstance(x, Activation) else self.qt.prepare(x)
-        self.qt.matmul_prepared_into(out, act, self.rows)
+        groups = by_sequence(x.seq if isinstance(x, Activation) else row_seq(x.shape[0])) \
+            if self.qtype in FLOAT_TYPES else None
+        if groups is None:
+            self.qt.matmul_prepared_into(out, act, self.rows)
+        else:  # see ROW_SEQ
+            for rows in groups:
+                part = np.empty((rows.size, self.n_out), np.float32)
+                self.qt.matmul_prepared_into(part, np.ascontiguousarray(act[rows]), self.rows)
+                out[rows] = part
         if self.bias is not None:
             out += self.bias
 
@@ -92,10 +122,13 @@ class Activation:
     share one conversion. `take_rows` gives the rows one expert sees, converted as slices of
     the whole batch's conversion (it is row by row, so identical to converting the rows)."""
 
-    def __init__(self, x: np.ndarray, parent: "Activation | None" = None, rows=None):
+    def __init__(self, x: np.ndarray, parent: "Activation | None" = None, rows=None, seq=None):
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.shape = self.x.shape
         self._parent, self._rows = parent, rows
+        # each row's sequence (see ROW_SEQ): a row subset keeps its rows' sequences
+        self.seq = (row_seq(self.shape[0]) if parent is None else
+                    None if parent.seq is None else parent.seq[rows]) if seq is None else seq
         self._prepared = {}  # act_format -> prepared x
 
     def prepared(self, qt: QuantType):

@@ -40,6 +40,14 @@ def server(tmp_path_factory):
     assert s.stop() == 0, s.log()
 
 
+@pytest.fixture(scope="session")
+def serial(tmp_path_factory):
+    """One request at a time (--parallel 1): the FIFO order is the completion order."""
+    s = Server("--ctx", "1024", "--parallel", "1", log=tmp_path_factory.mktemp("serial") / "server.log").wait_ready()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
 def _with_template(dst, template: str):
     """A copy of the shipped model with another chat template, padded to the old one's length
     by a jinja comment (so that every offset in the file stays the same)."""
@@ -65,7 +73,7 @@ def guarded(tmp_path_factory):
     _with_template(d / "refuses.gguf", REFUSES)
     _with_template(d / "thinks.gguf", THINKS)
     s = Server("--api-key", KEY, "--cors-origin", ALLOWED, "--max-queue", "1", "--max-body", "64K", "--ctx", "2048",
-               "--models-dir", str(d), log=d / "server.log").wait_ready()
+               "--models-dir", str(d), "--parallel", "1", log=d / "server.log").wait_ready()
     yield s
     assert s.stop() == 0, s.log()
 
@@ -330,8 +338,11 @@ def test_disconnect_stops_within_a_token(server):
     assert ex["n_tokens"] < 100  # far from the 200 it asked for
 
 
-def test_concurrent_clients_fifo_and_identical(server):
-    prompts = [f"Speak, {who}!" for who in ("Romeo", "Juliet", "Hamlet", "Lear", "Puck", "Portia", "Iago", "Viola")]
+PROMPTS8 = [f"Speak, {who}!" for who in ("Romeo", "Juliet", "Hamlet", "Lear", "Puck", "Portia", "Iago", "Viola")]
+
+
+def test_concurrent_clients_fifo_and_identical(serial):
+    server, prompts = serial, PROMPTS8
     c = oai(server, timeout=120)
 
     def ask(p):
@@ -362,6 +373,38 @@ def test_concurrent_clients_fifo_and_identical(server):
         t.join(120)
     assert results == alone
     assert len(finished) == 8 and finished == sorted(finished)
+
+
+def test_parallel_clients_share_batches_and_get_their_own_replies(server):
+    """8 clients at once on 4 slots: every reply is the one its request gets alone, requests
+    really ran together, and each one's expert counts are its own tokens."""
+    c = oai(server, timeout=120)
+    req = dict(temperature=0, max_tokens=12, seed=0, extra_body={"cache_prompt": False})
+    alone = [c.chat.completions.create(model="any", messages=chat_msgs(p), **req).choices[0].message.content
+             for p in PROMPTS8]
+    results, ids, running = [None] * 8, [None] * 8, []
+
+    def client(i):
+        r = c.chat.completions.create(model="any", messages=chat_msgs(PROMPTS8[i]), **req)
+        results[i], ids[i] = r.choices[0].message.content, (r.id, r.usage)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        running.append(get(server.url + "/props").json()["n_running"])
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert results == alone
+    assert max(running) > 1 and max(running) <= 4, running
+    for rid, usage in ids:
+        ex = get(server.url + "/v1/experts", params={"id": rid}).json()
+        k, req_c = ex["n_expert_used"], ex["request"]
+        assert req_c["id"] == rid and not req_c["active"]
+        # its whole prompt and each generated token but the last went through every MoE layer
+        assert req_c["n_tokens"] == usage.prompt_tokens + usage.completion_tokens - 1
+        assert all(sum(req_c["counts"][il]) == req_c["n_tokens"] * k for il in ex["moe_layers"])
+    assert get(server.url + "/v1/experts", params={"id": "nope"}).status_code == 404
 
 
 def test_queue_full_503(guarded):

@@ -17,7 +17,7 @@ from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 from localmoe.layers import (Rope, RunBuffers, apply_rope, attention, matmul_f32_sgemm, matvec_f32_vec_dot, rms_norm,
                              sigmoid, softmax)
 from localmoe.moe import moe_ffn
-from localmoe.weights import Activation
+from localmoe.weights import Activation, by_sequence, row_seq
 
 INT_MAX = (1 << 31) - 1   # llama.cpp holds hyperparameters in 32-bit integers
 MAX_LAYERS = 512          # llama.cpp's LLAMA_MAX_LAYERS: the longest per-layer array
@@ -323,11 +323,16 @@ def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         raise LocalMoEError(f"{gate.name} {gate.shape}: inputs {x.shape} / outputs {out.shape} do not fit")
     w = gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if n_tok >= 2 and gate.n_in % 16 == 0 and gate.n_out % 4 == 0:
-        matmul_f32_sgemm(out, x, w)
-    else:
-        for t in range(n_tok):
-            matvec_f32_vec_dot(out[t], x[t], w)
+    for rows in by_sequence(row_seq(n_tok)) or [slice(None)]:  # see weights.ROW_SEQ
+        xs = x[rows] if isinstance(rows, np.ndarray) else x
+        part = out[rows] if isinstance(rows, np.ndarray) else out
+        if xs.shape[0] >= 2 and gate.n_in % 16 == 0 and gate.n_out % 4 == 0:
+            matmul_f32_sgemm(part, xs, w)
+        else:
+            for t in range(xs.shape[0]):
+                matvec_f32_vec_dot(part[t], xs[t], w)
+        if isinstance(rows, np.ndarray):
+            out[rows] = part
     return out
 
 
@@ -364,8 +369,21 @@ class Block:
 
     def __call__(self, x: np.ndarray, cache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x f32[n_tok, n_embd] at positions cache.n_past..; cos/sin f32[n_tok, n_rot/2]."""
+        return self.run(x, [(cache, cos, sin)])
+
+    def run(self, x: np.ndarray, seqs) -> np.ndarray:
+        """x f32[n_tok, n_embd]: the rows of each sequence of seqs [(cache, cos, sin)] in turn,
+        sequence i having cos_i.shape[0] rows. Attention runs per sequence; the rest row-wise."""
         a = self.args
-        h = self.attention(rms_norm(x, self.w.attn_norm, a.norm_eps), cache, cos, sin)
+        xn = rms_norm(x, self.w.attn_norm, a.norm_eps)
+        if len(seqs) == 1:
+            h = self.attention(xn, *seqs[0])
+        else:
+            h, r = np.empty_like(x), 0
+            for cache, cos, sin in seqs:
+                n = cos.shape[0]
+                h[r:r + n] = self.attention(xn[r:r + n], cache, cos, sin)
+                r += n
         x = x + h
         return x + self.ffn(rms_norm(x, self.w.ffn_norm, a.norm_eps))
 

@@ -66,11 +66,12 @@ async def props(request: Request):
         "ram_budget", "has_chat_template")},
         "reasoning_format": "deepseek" if request.app.state.engine.reasoning else "none",
         "default_sampling": {k: v for k, v in request.app.state.sampling.items() if k != "seed"},
-        "n_waiting": request.app.state.engine.n_waiting, "max_queue": request.app.state.engine.max_queue})
+        "n_waiting": request.app.state.engine.n_waiting, "max_queue": request.app.state.engine.max_queue,
+        "n_running": request.app.state.engine.n_running, "n_parallel": request.app.state.engine.n_parallel})
 
 
 async def experts(request: Request):
-    out = request.app.state.engine.expert_counts()
+    out = request.app.state.engine.expert_counts(request.query_params.get("id"))
     if out is None:
         raise ApiError(503, "the model is loading", code="loading")
     return JSONResponse(out)

@@ -1,8 +1,12 @@
-"""The worker: one thread owns the Model and serves generation jobs in FIFO order.
+"""The worker: one thread owns the Model and serves generation jobs, admitted in FIFO order.
 
 Only this thread ever calls the Model (forward, cache, close) or loads one; the event loop
-submits Jobs and reads their events from an asyncio queue. The KV cache of the last request
-stays: a request whose prompt starts with the cached tokens evaluates only the rest.
+submits Jobs and reads their events from an asyncio queue. Up to n_parallel jobs run at once,
+each in a slot with a KV cache of its own, and every step evaluates all of them in one batch
+(Model.forward_seqs: a new prompt, and one token of each reply under way), as llama-server's
+slots do; each reply is the one it would be alone. A slot keeps its KV cache after its job:
+a request whose prompt starts with a slot's cached tokens goes to that slot and evaluates
+only the rest.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from localmoe.errors import LocalMoEError
 
 log = logging.getLogger("localmoe.server")
 _ids = itertools.count(1)
+MAX_KEPT = 64  # requests whose expert counts GET /v1/experts?id= can still return
 
 
 class ApiError(LocalMoEError):
@@ -93,25 +99,61 @@ class RequestCounts:
     id: str | None = None
     active: bool = False
     n_tokens: int = 0
-    counts0: np.ndarray | None = None  # store.counts when the request started
-    counts: np.ndarray | None = None   # tokens routed by this request, once it has ended
+    counts: np.ndarray | None = None   # i64[n_layer, n_expert]: tokens this request routed so far
+
+
+@dataclass
+class Slot:
+    """A KV cache and the token ids in it; `run` is the job using it, if any."""
+
+    cache: object
+    tokens: list[int] = field(default_factory=list)
+    run: "Run | None" = None
+    used: int = 0  # when it was last given a job (least recently used goes first)
+
+
+@dataclass
+class Run:
+    """A job in a slot: its prompt still to evaluate, then one sampled token per step."""
+
+    job: Job
+    slot: Slot
+    n_prompt: int
+    keep: int
+    pending: list[int]               # token ids to evaluate next
+    sampler: object
+    stops: object
+    detok: object
+    split: object
+    counts: RequestCounts
+    load_s: float
+    n_gen: int = 0
+    reason: str | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    t_prompt: float | None = None    # seconds from admission to the prompt's logits
+    t1: float = 0.0                  # when decoding began
 
 
 class Engine:
     def __init__(self, model_path, models_dir=None, load_opts: dict | None = None, max_queue: int = 16,
-                 reasoning: bool = True):
+                 reasoning: bool = True, n_parallel: int = 4):
         self.initial = str(Path(model_path).resolve())
         self.models_dir = Path(models_dir).resolve() if models_dir else None
         self.load_opts = dict(load_opts or {})
         self.max_queue, self.reasoning = max_queue, reasoning
+        self.n_parallel = max(1, int(n_parallel))
         self.loaded: Loaded | None = None
         self.state, self.error = "loading", None     # loading | ok | error
         self.fatal = None                            # the first load's error: the server exits
         self.on_fatal = lambda: None                 # called on the worker when the first load fails
         self.on_exit = lambda model: None            # called on the worker before the model closes
-        self.current = RequestCounts()
+        self.current = RequestCounts()               # the request admitted last
+        self._requests: OrderedDict[str, RequestCounts] = OrderedDict()  # the last MAX_KEPT requests
         self.total_tokens = 0
-        self._cached: list[int] = []                 # token ids in the model's KV cache
+        self._slots: list[Slot] = []
+        self._active: list[Run] = []
+        self._held: Job | None = None                # the next job, waiting for the running ones (a model swap)
+        self._admitted = 0
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -161,8 +203,12 @@ class Engine:
 
     @property
     def n_waiting(self) -> int:
-        """Requests queued behind the running one."""
-        return self._waiting
+        """Requests queued, not yet running."""
+        return self._waiting + (self._held is not None)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._active)
 
     def submit(self, req: GenRequest, prefix: str) -> Job:
         job = Job(req, asyncio.get_running_loop(), prefix)
@@ -190,17 +236,18 @@ class Engine:
         self._q.put(None)
         self._thread.join(timeout)
 
-    def expert_counts(self) -> dict | None:
+    def expert_counts(self, request_id: str | None = None) -> dict | None:
+        """Tokens routed per layer and expert: by one request (`request_id`, one of the last
+        MAX_KEPT; default the one admitted last), and in total since the model loaded."""
         L = self.loaded
         if L is None:
             return None
-        store, a = L.model.store, L.model.args
-        now = store.counts.copy()  # the worker may be adding to it: a snapshot at most one layer behind
-        cur = self.current
-        if cur.active and cur.counts0 is not None and cur.counts0.shape == now.shape:
-            req = now - cur.counts0
-        else:
-            req = cur.counts if cur.counts is not None and cur.counts.shape == now.shape else np.zeros_like(now)
+        a = L.model.args
+        now = L.model.store.counts.copy()  # the worker may be adding to it: a snapshot at most one layer behind
+        cur = self.current if request_id is None else self._requests.get(request_id)
+        if cur is None:
+            raise ApiError(404, f"no recent request has id {request_id!r}", param="id", type_="not_found_error")
+        req = cur.counts.copy() if cur.counts is not None and cur.counts.shape == now.shape else np.zeros_like(now)
         return {"n_layer": a.n_layer, "n_expert": a.n_expert, "n_expert_used": a.n_expert_used,
                 "moe_layers": L.moe_layers,
                 "request": {"id": cur.id, "active": cur.active, "n_tokens": cur.n_tokens, "counts": req.tolist()},
@@ -214,35 +261,69 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - reported, and the server exits
             self.state, self.error, self.fatal = "error", _describe(e), e
             self.on_fatal()  # the server stops; `localmoe serve` prints the error
+        stopping = False
         while True:
-            job = self._q.get()
-            if job is None:
-                break
-            with self._lock:
-                self._waiting -= 1
-            try:
-                if job.cancelled.is_set():
-                    raise ApiError(503, "the request was cancelled (the client left or the server is stopping)",
-                                   code="cancelled")
-                if self.loaded is None and self.fatal is not None:
-                    raise ApiError(503, f"no model is loaded: {self.error}", code="unavailable")
-                self._serve(job)
-            except ApiError as e:
-                job.post("error", e)
-            except LocalMoEError as e:
-                job.post("error", ApiError(400, str(e)))
-            except Exception as e:  # noqa: BLE001 - a bug must not stop the worker
-                log.error("request %s failed:\n%s", job.id, traceback.format_exc())
-                job.post("error", ApiError(500, f"internal error: {_describe(e)}"))
-            finally:
-                with self._lock:
-                    self._jobs.discard(job)
+            while not stopping and len(self._active) < len(self._slots or [None]):
+                job, self._held = self._held, None
+                if job is None:
+                    try:
+                        job = self._q.get(block=not self._active)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    with self._lock:
+                        self._waiting -= 1
+                if self._active and self._swaps(job):  # a model swap waits for the running jobs
+                    self._held = job
+                    break
+                self._admit(job)
+            if not self._active:
+                if stopping:
+                    break
+                continue
+            self._step()
+        if self._held is not None:
+            self._held.post("error", ApiError(503, "the server is stopping", code="cancelled"))
         if self.loaded is not None:
             try:
                 self.on_exit(self.loaded.model)
             except Exception as e:  # noqa: BLE001 - e.g. --stats-out unwritable: say so, still close
                 log.error("%s", _describe(e))
         self._unload()
+
+    def _swaps(self, job: Job) -> bool:
+        try:
+            path = job.req.model
+            return path is not None and self.loaded is not None and self.loaded.path != path
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _admit(self, job: Job) -> None:
+        """Start a job in a free slot, or answer it with its error."""
+        try:
+            if job.cancelled.is_set():
+                raise ApiError(503, "the request was cancelled (the client left or the server is stopping)",
+                               code="cancelled")
+            if self.loaded is None and self.fatal is not None:
+                raise ApiError(503, f"no model is loaded: {self.error}", code="unavailable")
+            self._active.append(self._begin(job))
+        except Exception as e:  # noqa: BLE001 - a bad request or a bug must not stop the worker
+            self._fail(job, e)
+        finally:
+            if not any(r.job is job for r in self._active):
+                with self._lock:
+                    self._jobs.discard(job)
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        if isinstance(e, ApiError):
+            job.post("error", e)
+        elif isinstance(e, LocalMoEError):
+            job.post("error", ApiError(400, str(e)))
+        else:
+            log.error("request %s failed:\n%s", job.id, "".join(traceback.format_exception(e)))
+            job.post("error", ApiError(500, f"internal error: {_describe(e)}"))
 
     def _load(self, path: str) -> None:
         from localmoe.chat import reply_stops
@@ -269,9 +350,12 @@ class Engine:
         store = m.store
         moe = [il for il in range(m.args.n_layer)
                if any(store.has(il, n) for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))]
-        self._cached = []
+        # slot 0 uses the model's own cache; the GPU runner keeps one cache on the device
+        n = 1 if m.gpu is not None else self.n_parallel
+        self._slots = [Slot(m.cache)] + [Slot(m.new_cache()) for _ in range(n - 1)]
         self.total_tokens = 0
         self.current = RequestCounts()
+        self._requests.clear()
         from .info import read_facts
         self.loaded = Loaded(m, Path(path).stem, path, tok, template, template_error, stops,
                              time.perf_counter() - t0, store.counts.copy(), moe, read_facts(m, template is not None))
@@ -280,7 +364,7 @@ class Engine:
 
     def _unload(self) -> None:
         L, self.loaded = self.loaded, None
-        self._cached = []
+        self._slots = []
         if L is not None:
             L.model.close()
             del L
@@ -328,8 +412,15 @@ class Engine:
         tail = tok.decode(ids[-16:], special=True).rstrip()
         return ids, tail.endswith("<think>")
 
-    def _serve(self, job: Job) -> None:
-        from localmoe.chat import reuse_prefix
+    def _slot_for(self, ids: list[int], cache_prompt: bool) -> Slot:
+        """The free slot whose cached tokens share the longest prefix with ids (with the
+        prompt cache on), else the least recently used one."""
+        free = [s for s in self._slots if s.run is None]
+        if cache_prompt:
+            return max(free, key=lambda s: (_common_prefix(s.tokens, ids), -s.used))
+        return min(free, key=lambda s: s.used)
+
+    def _begin(self, job: Job) -> Run:
         from localmoe.sampling import Sampler, StopStrings
         from localmoe.tokenizer import Detokenizer
         from .reasoning import ThinkSplitter
@@ -346,78 +437,132 @@ class Engine:
                                 f"the server with a larger --ctx", code="context_length_exceeded",
                            param="messages" if req.messages is not None else "prompt")
         sampler = Sampler(**req.sampling)
-        if not req.cache_prompt:
-            self._cached = []
-        keep = reuse_prefix(m, self._cached, ids)
-        stops = StopStrings((L.stops if req.messages is not None else []) + list(req.stop))
-        detok = Detokenizer(tok, at_start=req.messages is not None)
-        split = ThinkSplitter(in_think) if (self.reasoning and req.split_reasoning) else None
-        cur = self.current = RequestCounts(job.id, True, 0, m.store.counts.copy())
+        slot = self._slot_for(ids, req.cache_prompt)
+        # keep the cached prefix; at least the last prompt token is evaluated: it gives the logits
+        keep = max(0, min(_common_prefix(slot.tokens, ids), len(ids) - 1)) if req.cache_prompt else 0
+        del slot.tokens[keep:]
+        slot.cache.truncate(keep)
+        self._admitted += 1
+        slot.used = self._admitted
+        cur = self.current = RequestCounts(job.id, True, 0, np.zeros_like(m.store.counts))
+        self._requests[job.id] = cur
+        while len(self._requests) > MAX_KEPT:
+            self._requests.popitem(last=False)
+        run = Run(job, slot, len(ids), keep, ids[keep:], sampler,
+                  StopStrings((L.stops if req.messages is not None else []) + list(req.stop)),
+                  Detokenizer(tok, at_start=req.messages is not None),
+                  ThinkSplitter(in_think) if (self.reasoning and req.split_reasoning) else None, cur, load_s)
+        slot.run = run
         job.post("start", {"model": L.name, "prompt_tokens": len(ids), "cached_tokens": keep})
+        return run
 
-        def emit(text: str) -> None:
-            c, r = split.feed(text) if split else (text, "")
+    def _step(self) -> None:
+        """One forward pass over every running job: one token of each reply under way, then
+        as much of the new prompts as fits in a micro-batch; then sample, stream, finish."""
+        from localmoe.model import N_UBATCH
+        m = self.loaded.model
+        room, batch = N_UBATCH, []
+        for run in sorted(self._active, key=lambda r: len(r.pending) > 1):  # replies first
+            if run.job.cancelled.is_set():
+                run.reason = "cancelled"
+            elif room:
+                batch.append((run, run.pending[:room]))
+                room -= len(batch[-1][1])
+        if batch:
+            m.store.seq_counts = [r.counts.counts for r, _ in batch]
+            try:
+                logits = m.forward_seqs([(r.slot.cache, t) for r, t in batch])
+            except Exception as e:  # noqa: BLE001 - fails the batch's jobs, not the worker
+                for r, _ in batch:
+                    r.reason = "error"
+                    self._fail(r.job, e)
+                logits = None
+            finally:
+                m.store.seq_counts = None
+            now = time.perf_counter()
+            for i, (run, toks) in enumerate(batch if logits is not None else []):
+                run.slot.tokens += toks
+                del run.pending[:len(toks)]
+                run.counts.n_tokens += len(toks)
+                self.total_tokens += len(toks)
+                if run.pending:
+                    continue  # more of the prompt next step
+                if run.t_prompt is None:
+                    run.t_prompt, run.t1 = now - run.t0, now
+                try:
+                    self._next_token(run, logits[i])
+                except Exception as e:  # noqa: BLE001
+                    run.reason = "error"
+                    self._fail(run.job, e)
+        for run in [r for r in self._active if r.reason is not None]:
+            self._active.remove(run)
+            self._finish(run)
+
+    def _next_token(self, run: Run, logits: np.ndarray) -> None:
+        """Sample after `logits`, stream the text; set run.reason when the reply ends, else
+        queue the token for the next step."""
+        req, tok, m = run.job.req, self.loaded.tokenizer, self.loaded.model
+        if 0 <= req.max_tokens <= run.n_gen:
+            run.reason = "length"
+            return
+        if run.job.cancelled.is_set():
+            run.reason = "cancelled"
+            return
+        t = run.sampler.sample(logits, run.slot.tokens)
+        if tok.is_eog(t):
+            run.reason = "stop"
+            return
+        run.n_gen += 1
+        text, stopped = run.stops.feed(run.detok.feed(t))
+        if text:
+            self._emit(run, text)
+        if stopped:
+            run.reason = "stop"
+        elif len(run.slot.tokens) >= m.n_ctx or 0 <= req.max_tokens <= run.n_gen:
+            run.reason = "length"
+        elif run.job.cancelled.is_set():
+            run.reason = "cancelled"
+        else:
+            run.pending = [t]
+
+    def _emit(self, run: Run, text: str) -> None:
+        c, r = run.split.feed(text) if run.split else (text, "")
+        if c or r:
+            run.job.post("delta", c, r)
+
+    def _finish(self, run: Run) -> None:
+        slot, job = run.slot, run.job
+        del slot.tokens[slot.cache.n_past:]  # a failed forward may have stored less
+        slot.run = None
+        run.counts.active = False
+        with self._lock:
+            self._jobs.discard(job)
+        if run.reason == "error":
+            return
+        if not run.stops.stopped:
+            text, _ = run.stops.feed(run.detok.flush())
+            text += run.stops.flush()
+            if text:
+                self._emit(run, text)
+        if run.split:
+            c, r = run.split.flush()
             if c or r:
                 job.post("delta", c, r)
-
-        n_gen, reason = 0, None
-        t0 = time.perf_counter()
-        t_prompt = t_decode = 0.0
-        try:
-            new = ids[keep:]
-            self._cached += new
-            logits = m.forward(new, all_logits=False)[-1]
-            cur.n_tokens += len(new)
-            self.total_tokens += len(new)
-            t_prompt = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            while True:
-                if 0 <= req.max_tokens <= n_gen:
-                    reason = "length"
-                    break
-                if job.cancelled.is_set():
-                    reason = "cancelled"
-                    break
-                t = sampler.sample(logits, self._cached)
-                if tok.is_eog(t):
-                    reason = "stop"
-                    break
-                n_gen += 1
-                text, stopped = stops.feed(detok.feed(t))
-                if text:
-                    emit(text)
-                if stopped:
-                    reason = "stop"
-                    break
-                if len(self._cached) >= m.n_ctx or 0 <= req.max_tokens <= n_gen:
-                    reason = "length"
-                    break
-                if job.cancelled.is_set():
-                    reason = "cancelled"
-                    break
-                self._cached.append(t)
-                logits = m.forward([t], all_logits=False)[-1]
-                cur.n_tokens += 1
-                self.total_tokens += 1
-            if not stops.stopped:
-                text, _ = stops.feed(detok.flush())
-                text += stops.flush()
-                if text:
-                    emit(text)
-            if split:
-                c, r = split.flush()
-                if c or r:
-                    job.post("delta", c, r)
-            t_decode = time.perf_counter() - t1
-        finally:
-            del self._cached[m.cache.n_past:]  # an interrupted forward may have stored less
-            cur.counts = m.store.counts - cur.counts0
-            cur.active = False
+        now = time.perf_counter()
+        t_prompt = now - run.t0 if run.t_prompt is None else run.t_prompt
         job.post("done", {
-            "finish_reason": reason, "prompt_tokens": len(ids), "cached_tokens": keep,
-            "prompt_n": len(ids) - keep, "prompt_ms": t_prompt * 1e3, "completion_tokens": n_gen,
-            "predicted_ms": t_decode * 1e3, "load_ms": load_s * 1e3,
-            "total_ms": (time.perf_counter() - job.t_arrive) * 1e3, "model": L.name})
+            "finish_reason": run.reason, "prompt_tokens": run.n_prompt, "cached_tokens": run.keep,
+            "prompt_n": run.n_prompt - run.keep, "prompt_ms": t_prompt * 1e3, "completion_tokens": run.n_gen,
+            "predicted_ms": (now - run.t1) * 1e3 if run.t_prompt is not None else 0.0,
+            "load_ms": run.load_s * 1e3, "total_ms": (now - job.t_arrive) * 1e3, "model": self.loaded.name})
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _describe(e: BaseException) -> str:

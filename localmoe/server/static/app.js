@@ -270,13 +270,15 @@
   }
 
   // ---------- expert usage
-  async function fetchExperts() {
-    try { experts = await getJSON("/v1/experts"); } catch { return null; }
+  // requestId: that request's counts (other chats may be running beside it)
+  async function fetchExperts(requestId) {
+    const url = requestId ? "/v1/experts?id=" + encodeURIComponent(requestId) : "/v1/experts";
+    try { experts = await getJSON(url); } catch { return null; }
     return experts;
   }
   // While a reply streams: the chat's stored totals plus this request's counts so far.
   async function pollExperts(chat, reply, requestId) {
-    const ex = await fetchExperts();
+    const ex = await fetchExperts(requestId);
     if (ex && reply.streaming && requestId && ex.request.id === requestId && chat.id === currentId) {
       drawHeatmap(addCounts(chat.experts, ex.request));
     }
@@ -285,7 +287,7 @@
   async function settleExperts(chat, requestId) {
     if (!requestId) return;
     for (let i = 0; i < 30; i++) {
-      const ex = await fetchExperts();
+      const ex = await fetchExperts(requestId);
       if (!ex || ex.request.id !== requestId) return;
       if (!ex.request.active) {
         chat.experts = addCounts(chat.experts, ex.request);
