@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from localmoe.layers import silu
-from localmoe.weights import Activation
+from localmoe.weights import FLOAT_TYPES, Activation
 
 
 def swiglu_ffn(x, gate, up, down) -> np.ndarray:
@@ -34,10 +34,10 @@ def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarr
         gate = store.expert(layer, "ffn_gate_exps", e) if has_gate else None
         return swiglu_ffn(xe, gate, store.expert(layer, "ffn_up_exps", e), store.expert(layer, "ffn_down_exps", e))
 
+    stacks = _resident_stacks(store, layer, has_gate) if n_tok == 1 or _few_per_expert(ids) else None
+    if stacks is not None and (n_tok == 1 or stacks[1].qtype not in FLOAT_TYPES):
+        return _pairs_resident(xa, *stacks, ids.astype(np.int64), weights)
     if n_tok == 1:  # decode: slots in order, no grouping
-        stacks = _resident_stacks(store, layer, has_gate)
-        if stacks is not None:
-            return _decode_resident(xa, *stacks, ids[0].astype(np.int64), weights[0])
         out = expert_y(ids[0, 0], xa) * weights[0, 0]
         for s in range(1, k):
             out += expert_y(ids[0, s], xa) * weights[0, s]
@@ -62,18 +62,30 @@ def _resident_stacks(store, layer: int, has_gate: bool):
     return None if gate is not None and gate.qtype != up.qtype else (gate, up, down)
 
 
-def _decode_resident(xa: Activation, gate, up, down, sel: np.ndarray, wts: np.ndarray) -> np.ndarray:
-    """One token through its k experts sel i64[k] with weights wts f32[k] -> f32[1, n_embd]: all
-    gate/up matvecs in one call, all down matvecs in another (QuantType.matvec_experts_into),
-    with the same float steps as swiglu_ffn per expert."""
-    k = sel.size
+def _few_per_expert(ids: np.ndarray) -> bool:
+    """At most two tokens per selected expert on average: too few to share an expert's weight
+    reads, so one matvec per (token, slot) in one call beats three calls per expert."""
+    return ids.size <= 2 * np.unique(ids).size
+
+
+def _pairs_resident(xa: Activation, gate, up, down, ids: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    """Each token through its k experts, ids i64[n_tok, k] with weights wts f32[n_tok, k] ->
+    f32[n_tok, n_embd]: all gate/up matvecs in one call, all down matvecs in another
+    (QuantType.matvec_experts_into, llama.cpp's mul_mat_id shape), with the same float steps
+    as swiglu_ffn per expert. Quantized kernels give a row the same bits as a matmul does, so
+    this equals the grouped path; float types differ between one row and many (see
+    weights.ROW_SEQ) and take it for one token only."""
+    n_tok, k = ids.shape
+    sel, n = ids.reshape(-1), ids.size
     mats = (up,) if gate is None else (gate, up)
-    gu = np.empty((len(mats), k, up.n_out), np.float32)  # f32[(gate,) up, k, n_ff]
-    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel, np.zeros(k, np.int64))
-    h = silu(gu[0]) if gate is None else silu(gu[0]) * gu[1]  # f32[k, n_ff]
-    y = np.empty((1, k, down.n_out), np.float32)  # f32[1, k, n_embd]: each expert's output
-    down.qt.matvec_experts_into(y, down.qt.prepare(h), (down.rows,), sel, np.arange(k, dtype=np.int64))
-    out = y[0, :1] * wts[0]
+    gu = np.empty((len(mats), n, up.n_out), np.float32)  # f32[(gate,) up, n_tok * k, n_ff]
+    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel,
+                              np.repeat(np.arange(n_tok, dtype=np.int64), k))
+    h = silu(gu[0]) if gate is None else silu(gu[0]) * gu[1]  # f32[n_tok * k, n_ff]
+    y = np.empty((1, n, down.n_out), np.float32)  # f32[1, n_tok * k, n_embd]: each pair's output
+    down.qt.matvec_experts_into(y, down.qt.prepare(h), (down.rows,), sel, np.arange(n, dtype=np.int64))
+    y = y[0].reshape(n_tok, k, down.n_out)
+    out = y[:, 0] * wts[:, :1]
     for s in range(1, k):
-        out += y[0, s:s + 1] * wts[s]
+        out += y[:, s] * wts[:, s:s + 1]
     return out
