@@ -7,11 +7,18 @@ Needs llama-cpp-python's [server] extra (`python -m llama_cpp.server`). Each ser
 alone (one at a time) on a free loopback port; an untimed request warms each up first.
 Reported, per server:
 - 1 client: time to first token (TTFT) and decode tokens/s of a streamed completion of
-  --tokens tokens (seeded sampling that runs to the limit on the shipped model);
-- 4 clients at once: mean and worst TTFT, and the summed decode tokens/s;
+  --tokens tokens (seeded sampling that runs to the limit on the shipped model), median of
+  --repeats runs;
+- 4 clients at once (medians of --repeats rounds): mean and worst TTFT, the summed decode tokens/s, and the tokens the
+  clients received (4 x --tokens when every reply completes);
 - a --turns-turn chat (each turn adds the reply and a new user message): TTFT per turn,
   localmoe with its prompt cache on and off (`cache_prompt`), llama-cpp-python as it
   comes (its Llama object reuses the longest cached prefix of the previous prompt).
+localmoe runs with its defaults (--parallel 4: concurrent requests share each forward pass).
+llama-cpp-python's server runs twice: with `--interrupt_requests False` (every request is
+served to its end, one at a time), and with its default `interrupt_requests=True`, under
+which a new request ends the stream in flight (that client gets [DONE] early: see the
+tokens received).
 Decode tokens are counted as streamed chunks with text (one token each on both servers).
 """
 from __future__ import annotations
@@ -76,6 +83,8 @@ def stream_completion(client, seed: int, tokens: int) -> tuple[float, float, int
             last = time.perf_counter()
             first = first or last
             n += 1
+    if first is None:  # no text at all (an interrupted stream)
+        return float("nan"), float("nan"), 0
     return first - t0, last - first, n
 
 
@@ -94,22 +103,28 @@ def measure(url: str, args, chat_modes: dict[str, dict]) -> dict:
     import openai
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
     stream_completion(client, 0, 4)  # warm-up, untimed
-    ttft, dt, n = stream_completion(client, 1, args.tokens)
-    out = {"1 client TTFT ms": ttft * 1e3, "1 client decode tok/s": (n - 1) / dt if dt > 0 else float("nan")}
-    res = [None] * 4
+    one_client = [stream_completion(client, 1 + i, args.tokens) for i in range(args.repeats)]
+    out = {"1 client TTFT ms": statistics.median(r[0] for r in one_client) * 1e3,
+           "1 client decode tok/s": statistics.median((r[2] - 1) / r[1] for r in one_client)}
+    rows = []
+    for rep in range(args.repeats):
+        res = [None] * 4
 
-    def one(i):
-        res[i] = stream_completion(client, 10 + i, args.tokens)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    out["4 clients TTFT mean ms"] = statistics.mean(r[0] for r in res) * 1e3
-    out["4 clients TTFT max ms"] = max(r[0] for r in res) * 1e3
-    out["4 clients decode tok/s (sum)"] = sum(r[2] for r in res) / wall
+        def one(i):
+            res[i] = stream_completion(client, 10 + 4 * rep + i, args.tokens)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        got = [r[0] for r in res if r[2]]  # clients that received text
+        rows.append((statistics.mean(got), max(got), sum(r[2] for r in res) / wall, sum(r[2] for r in res)))
+    for j, key in enumerate(("4 clients TTFT mean ms", "4 clients TTFT max ms")):
+        out[key] = statistics.median(r[j] for r in rows) * 1e3
+    out["4 clients decode tok/s (sum)"] = statistics.median(r[2] for r in rows)
+    out["4 clients tokens received"] = statistics.median(r[3] for r in rows)
     for mode, extra in chat_modes.items():
         msgs, turns = [], []
         for text in USER_TURNS[:args.turns]:
@@ -132,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512, help="context of both servers (room for the 10-turn chat)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per completion")
     ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5, help="runs of the 1- and 4-client rows (medians)")
     ap.add_argument("--chat-tokens", type=int, default=8, help="reply tokens per chat turn")
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args(argv)
@@ -149,13 +165,14 @@ def main(argv=None) -> int:
         print(f"llama-cpp-python's server is not importable ({e}): pip install 'llama-cpp-python[server]'",
               file=sys.stderr)
     else:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1",
-               "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-               "--n_ctx", str(args.ctx), "--verbose", "False"]
-        with running(cmd, url, Path(args.log_dir) / "bench-serve-llama-cpp.log"):
-            results["llama-cpp-python"] = measure(url, args, {"its default": {}})
+        for name, interrupt in (("llama-cpp-python", "False"), ("llama-cpp-python, interrupting", "True")):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1",
+                   "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                   "--n_ctx", str(args.ctx), "--verbose", "False", "--interrupt_requests", interrupt]
+            with running(cmd, url, Path(args.log_dir) / "bench-serve-llama-cpp.log"):
+                results[name] = measure(url, args, {"its default": {}})
     keys = [k for k in results["localmoe"] if not k.startswith("chat")]
     print_table(["metric", *results], [[k, *(results[s][k] for s in results)] for k in keys],
                 title=f"{Path(args.model).name}, {args.threads} threads, {args.tokens} decode tokens, "

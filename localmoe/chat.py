@@ -63,7 +63,8 @@ class ContextFullError(ChatError):
 
 # --- prompt tokens -----------------------------------------------------------
 
-def _common_prefix(a, b) -> int:
+def common_prefix(a, b) -> int:
+    """How many leading ids a and b share."""
     n = min(len(a), len(b))
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
@@ -73,7 +74,7 @@ def reuse_prefix(model, cached: list[int], tokens) -> int:
     """Keep the longest prefix of the KV cache that `tokens` starts with (at least the last
     token is left to evaluate: it gives the logits); `cached` (the ids in the cache) is cut to
     match. Returns the number of tokens kept."""
-    keep = max(0, min(_common_prefix(cached, tokens), len(tokens) - 1))
+    keep = max(0, min(common_prefix(cached, tokens), len(tokens) - 1))
     del cached[keep:]
     model.cache.truncate(keep)
     return keep

@@ -76,15 +76,17 @@ def _pairs_resident(xa: Activation, gate, up, down, ids: np.ndarray, wts: np.nda
     this equals the grouped path; float types differ between one row and many (see
     weights.ROW_SEQ) and take it for one token only."""
     n_tok, k = ids.shape
-    sel, n = ids.reshape(-1), ids.size
+    n = ids.size
+    # pairs in expert order, so that an expert's rows are read while still in cache
+    order = np.argsort(ids.reshape(-1), kind="stable") if n_tok > 1 else np.arange(n)
+    sel, tok = ids.reshape(-1)[order], order // k
     mats = (up,) if gate is None else (gate, up)
-    gu = np.empty((len(mats), n, up.n_out), np.float32)  # f32[(gate,) up, n_tok * k, n_ff]
-    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel,
-                              np.repeat(np.arange(n_tok, dtype=np.int64), k))
-    h = silu(gu[0]) if gate is None else silu(gu[0]) * gu[1]  # f32[n_tok * k, n_ff]
-    y = np.empty((1, n, down.n_out), np.float32)  # f32[1, n_tok * k, n_embd]: each pair's output
+    gu = np.empty((len(mats), n, up.n_out), np.float32)  # f32[(gate,) up, n pairs, n_ff]
+    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel, tok)
+    h = silu(gu[0]) if gate is None else silu(gu[0]) * gu[1]  # f32[n pairs, n_ff]
+    y = np.empty((1, n, down.n_out), np.float32)  # f32[1, n pairs, n_embd]: each pair's output
     down.qt.matvec_experts_into(y, down.qt.prepare(h), (down.rows,), sel, np.arange(n, dtype=np.int64))
-    y = y[0].reshape(n_tok, k, down.n_out)
+    y = y[0, np.argsort(order)].reshape(n_tok, k, down.n_out)
     out = y[:, 0] * wts[:, :1]
     for s in range(1, k):
         out += y[:, s] * wts[:, s:s + 1]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from localmoe.chat import common_prefix
 from localmoe.errors import LocalMoEError
 
 log = logging.getLogger("localmoe.server")
@@ -417,7 +418,7 @@ class Engine:
         prompt cache on), else the least recently used one."""
         free = [s for s in self._slots if s.run is None]
         if cache_prompt:
-            return max(free, key=lambda s: (_common_prefix(s.tokens, ids), -s.used))
+            return max(free, key=lambda s: (common_prefix(s.tokens, ids), -s.used))
         return min(free, key=lambda s: s.used)
 
     def _begin(self, job: Job) -> Run:
@@ -439,7 +440,7 @@ class Engine:
         sampler = Sampler(**req.sampling)
         slot = self._slot_for(ids, req.cache_prompt)
         # keep the cached prefix; at least the last prompt token is evaluated: it gives the logits
-        keep = max(0, min(_common_prefix(slot.tokens, ids), len(ids) - 1)) if req.cache_prompt else 0
+        keep = max(0, min(common_prefix(slot.tokens, ids), len(ids) - 1)) if req.cache_prompt else 0
         del slot.tokens[keep:]
         slot.cache.truncate(keep)
         self._admitted += 1
@@ -555,14 +556,6 @@ class Engine:
             "prompt_n": run.n_prompt - run.keep, "prompt_ms": t_prompt * 1e3, "completion_tokens": run.n_gen,
             "predicted_ms": (now - run.t1) * 1e3 if run.t_prompt is not None else 0.0,
             "load_ms": run.load_s * 1e3, "total_ms": (now - job.t_arrive) * 1e3, "model": self.loaded.name})
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _describe(e: BaseException) -> str:
