@@ -81,12 +81,15 @@ def check_context(args, n_ctx: int, available: int | None = None) -> None:
 class Model:
     def __init__(self, gguf_file, n_ctx: int | None = None, n_expert_used: int | None = None,
                  ram_budget=None, policy: str | None = None, expert_profile=None, prefetch: bool = True,
-                 gpu_budget=None, device: str | None = None):
+                 gpu_budget=None, device: str | None = None, n_seq: int = 1):
         """ram_budget (bytes or "6G"): hold experts in a budgeted cache and stream the rest
         from disk (localmoe.planner; policy "lru"/"lfu", expert_profile: saved --stats-out JSON,
         prefetch: guess the next layer's experts and read them on a background thread).
         device "cpu" / "cuda" / "auto" (None: cuda when gpu_budget is given); gpu_budget (bytes,
-        "8G" or "N%" of expert bytes; None: all): the dense part and hot experts in VRAM (localmoe.gpu)."""
+        "8G" or "N%" of expert bytes; None: all): the dense part and hot experts in VRAM (localmoe.gpu).
+        n_seq: KV caches the RAM budget holds, the model's own and n_seq - 1 from new_cache()."""
+        if isinstance(n_seq, bool) or not isinstance(n_seq, (int, np.integer)) or n_seq < 1:
+            raise LocalMoEError(f"n_seq must be an integer >= 1, got {n_seq!r}")
         self.file = gguf_file
         mod = arch_module(gguf_file.arch)
         self.args = a = mod.ModelArgs.from_gguf(gguf_file, n_expert_used)
@@ -109,7 +112,7 @@ class Model:
         else:
             from localmoe.planner import DEFAULT_POLICY, offload
             self.plan, top, blocks, self.store = offload(gguf_file, a, self.n_ctx, ram_budget,
-                                                         policy or DEFAULT_POLICY, expert_profile, prefetch)
+                                                         policy or DEFAULT_POLICY, expert_profile, prefetch, n_seq)
         self.token_embd = top.token_embd
         self.output_norm = top.output_norm
         self.output = getattr(top, "output", top.token_embd)  # tied embeddings when absent
@@ -377,12 +380,13 @@ def load(path, n_threads: int | None = None, n_ctx: int | None = None,
          n_expert_used: int | None = None, **planner_opts) -> Model:
     """Open a GGUF MoE model. n_expert_used overrides {arch}.expert_used_count like
     llama.cpp's --override-kv; n_threads sets numba's thread count. planner_opts:
-    ram_budget, policy, expert_profile, prefetch (see Model; localmoe.planner), gpu_budget, device
-    (localmoe.gpu)."""
+    ram_budget, policy, expert_profile, prefetch, n_seq (see Model; localmoe.planner), gpu_budget,
+    device (localmoe.gpu)."""
     from localmoe.gguf_file import open_gguf
     if not isinstance(path, (str, os.PathLike)):
         raise LocalMoEError(f"load() needs the path of a GGUF file, got {type(path).__name__}")
-    unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch", "gpu_budget", "device"}
+    unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch", "gpu_budget", "device",
+                                   "n_seq"}
     if unknown:
         raise LocalMoEError(f"unknown load options: {', '.join(sorted(unknown))}")
     if planner_opts.get("ram_budget") is not None:

@@ -62,10 +62,14 @@ def _resident_stacks(store, layer: int, has_gate: bool):
     return None if gate is not None and gate.qtype != up.qtype else (gate, up, down)
 
 
+PAIRS_PER_EXPERT = 8  # up to this many tokens per selected expert (mean), one fused call per matrix kind
+
+
 def _few_per_expert(ids: np.ndarray) -> bool:
-    """At most two tokens per selected expert on average: too few to share an expert's weight
-    reads, so one matvec per (token, slot) in one call beats three calls per expert."""
-    return ids.size <= 2 * np.unique(ids).size
+    """Few tokens per selected expert: one fused call per matrix kind over every (token, slot)
+    pair, grouped by expert, beats three calls per expert (each a parallel region); with many
+    tokens an expert's matmul reuses its rows better."""
+    return ids.size <= PAIRS_PER_EXPERT * np.unique(ids).size
 
 
 def _pairs_resident(xa: Activation, gate, up, down, ids: np.ndarray, wts: np.ndarray) -> np.ndarray:
@@ -77,15 +81,16 @@ def _pairs_resident(xa: Activation, gate, up, down, ids: np.ndarray, wts: np.nda
     weights.ROW_SEQ) and take it for one token only."""
     n_tok, k = ids.shape
     n = ids.size
-    # pairs in expert order, so that an expert's rows are read while still in cache
+    # pairs grouped by expert: a group goes through each of its expert's rows together
     order = np.argsort(ids.reshape(-1), kind="stable") if n_tok > 1 else np.arange(n)
     sel, tok = ids.reshape(-1)[order], order // k
+    gstart = np.flatnonzero(np.r_[True, sel[1:] != sel[:-1], True]) if n_tok > 1 else None
     mats = (up,) if gate is None else (gate, up)
     gu = np.empty((len(mats), n, up.n_out), np.float32)  # f32[(gate,) up, n pairs, n_ff]
-    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel, tok)
+    up.qt.matvec_experts_into(gu, xa.prepared(up.qt), tuple(m.rows for m in mats), sel, tok, gstart)
     h = silu(gu[0]) if gate is None else silu(gu[0]) * gu[1]  # f32[n pairs, n_ff]
     y = np.empty((1, n, down.n_out), np.float32)  # f32[1, n pairs, n_embd]: each pair's output
-    down.qt.matvec_experts_into(y, down.qt.prepare(h), (down.rows,), sel, np.arange(n, dtype=np.int64))
+    down.qt.matvec_experts_into(y, down.qt.prepare(h), (down.rows,), sel, np.arange(n, dtype=np.int64), gstart)
     y = y[0, np.argsort(order)].reshape(n_tok, k, down.n_out)
     out = y[:, 0] * wts[:, :1]
     for s in range(1, k):

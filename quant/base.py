@@ -57,9 +57,11 @@ class QuantType:
         raise NotImplementedError
 
     # out: f32[n_mat, n_sel, n_rows]   stacks: n_mat x u8[n_expert, n_rows, row_bytes]   sel, xrow: i64[n_sel]
-    def matvec_experts_into(self, out: np.ndarray, act, stacks, sel: np.ndarray, xrow: np.ndarray) -> None:
-        """out[m, s] = stacks[m][sel[s]] @ x[xrow[s]]: a MoE decode step's expert matvecs, one matvec each
-        (common.FusedExperts runs them all in one parallel region instead)."""
+    def matvec_experts_into(self, out: np.ndarray, act, stacks, sel: np.ndarray, xrow: np.ndarray,
+                            gstart: np.ndarray | None = None) -> None:
+        """out[m, s] = stacks[m][sel[s]] @ x[xrow[s]]: a MoE step's expert matvecs, one matvec each
+        (common.FusedExperts runs them all in one parallel region instead, slots of one group
+        gstart[g]..gstart[g+1]-1, which share an expert, reading its rows once)."""
         for m, w in enumerate(stacks):
             for s in range(len(sel)):
                 self.matmul_prepared_into(out[m, s][None], self.take_rows(act, slice(xrow[s], xrow[s] + 1)), w[sel[s]])

@@ -500,3 +500,21 @@ def test_cli_errors_before_loading():
     assert r.returncode == 1 and "error: cannot listen on 192.0.2.1:8080" in r.stderr
     r = _serve_cli("--max-body", "lots")
     assert r.returncode == 1 and "error: cannot read memory size 'lots'" in r.stderr
+
+
+def test_ram_budget_holds_every_slot_kv_cache(tmp_path):
+    """--parallel N with --ram-budget plans N KV caches: a budget that fits one slot's cache
+    but not four is refused with the planner's minimum, which states the sequences."""
+    from localmoe.gguf_file import open_gguf
+    from localmoe.arch import arch_module
+    from localmoe.planner.plan import footprint
+    with open_gguf(SHIPPED) as g:
+        args = arch_module(g.arch).ModelArgs.from_gguf(g)
+        one, four = footprint(g, args, 1024).minimum_bytes, footprint(g, args, 1024, 4).minimum_bytes
+    assert four > one
+    budget = str((one + four) // 2)
+    s = Server("--ctx", "1024", "--ram-budget", budget, log=tmp_path / "server.log")
+    assert s.proc.wait(120) != 0
+    assert "4 sequences" in s.log() and "below this model's minimum" in s.log(), s.log()
+    s = Server("--ctx", "1024", "--ram-budget", budget, "--parallel", "1", log=tmp_path / "server1.log").wait_ready()
+    assert s.stop() == 0, s.log()

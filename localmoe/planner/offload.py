@@ -47,9 +47,10 @@ def prefer_passive_omp() -> None:
 
 
 def offload(gguf_file, args, n_ctx: int, ram_budget, policy: str = "lfu", expert_profile=None,
-            prefetch: bool = True):
-    """-> (plan, top tensors, block tensors, store). Raises BudgetTooSmallError before reading anything."""
-    plan = plan_for(gguf_file, args, n_ctx, parse_size(ram_budget))
+            prefetch: bool = True, n_seq: int = 1):
+    """-> (plan, top tensors, block tensors, store). Raises BudgetTooSmallError before reading anything.
+    n_seq: KV caches the budget must hold (Model.new_cache's, for a server's slots)."""
+    plan = plan_for(gguf_file, args, n_ctx, parse_size(ram_budget), n_seq)
     profile = None if expert_profile is None else load_profile(expert_profile, args.n_layer, args.n_expert)
     reader = DiskReader(gguf_file.path)
     try:

@@ -56,6 +56,7 @@ class Footprint:
     n_expert: int
     n_expert_used: int
     n_ctx: int
+    n_seq: int = 1                     # KV caches of n_ctx positions
 
     @property
     def max_expert_bytes(self) -> int:
@@ -74,8 +75,9 @@ class Footprint:
         return self.fixed_bytes + self.n_expert_used * self.max_expert_bytes
 
 
-def footprint(gguf_file, args, n_ctx: int) -> Footprint:
-    """args: the architecture's ModelArgs (as localmoe.model builds it)."""
+def footprint(gguf_file, args, n_ctx: int, n_seq: int = 1) -> Footprint:
+    """args: the architecture's ModelArgs (as localmoe.model builds it); n_seq KV caches of
+    n_ctx positions (a server's parallel slots)."""
     stacks: dict[int, list[Stack]] = {}
     non_expert = 0
     n_ff = n_embd = args.n_embd
@@ -91,13 +93,13 @@ def footprint(gguf_file, args, n_ctx: int) -> Footprint:
             Stack(m.group(2), int(t.qtype), tuple(int(s) for s in t.shape), int(t.offset), int(t.n_bytes) // n_exp))
     layers = tuple(LayerExperts(il, tuple(sorted(s, key=lambda x: x.name))) for il, s in sorted(stacks.items()))
     # fp16 K and V for every layer and position (localmoe.kv_cache.KVCache)
-    kv = args.n_layer * n_ctx * args.n_head_kv * (args.head_dim_k + args.head_dim_v) * 2
+    kv = n_seq * args.n_layer * n_ctx * args.n_head_kv * (args.head_dim_k + args.head_dim_v) * 2
     ub = min(N_UBATCH, n_ctx)
     # the Model's RunBuffers, and the arrays made per micro-batch: residual stream and norms,
     # expert hidden states and outputs, logits
     acts = ub * 4 * (8 * n_embd + 3 * n_ff * max(args.n_expert_used, 1) + args.n_vocab)
     return Footprint(non_expert, kv, RunBuffers.nbytes(args, n_ctx, ub) + acts, layers, args.n_expert,
-                     args.n_expert_used, n_ctx)
+                     args.n_expert_used, n_ctx, n_seq)
 
 
 @dataclass
@@ -151,7 +153,8 @@ def make_plan(fp: Footprint, budget: int) -> Plan:
         raise BudgetTooSmallError(
             f"RAM budget {format_size(budget)} is below this model's minimum of {format_size(fp.minimum_bytes)} "
             f"({fp.minimum_bytes} bytes): non-expert weights {format_size(fp.non_expert_bytes)} + "
-            f"KV cache {format_size(fp.kv_bytes)} (n_ctx={fp.n_ctx}, fp16) + run buffers "
+            f"KV cache {format_size(fp.kv_bytes)} (n_ctx={fp.n_ctx}, fp16"
+            f"{f', {fp.n_seq} sequences' if fp.n_seq > 1 else ''}) + run buffers "
             f"{format_size(fp.run_bytes)} + one layer's {fp.n_expert_used} active experts "
             f"{format_size(fp.n_expert_used * fp.max_expert_bytes)}; raise the budget or lower n_ctx")
     left = budget - fp.fixed_bytes
@@ -171,8 +174,8 @@ def make_plan(fp: Footprint, budget: int) -> Plan:
     return Plan(budget, fp, slots, shared, notes=notes)
 
 
-def plan_for(gguf_file, args, n_ctx: int, budget: int) -> Plan:
-    return make_plan(footprint(gguf_file, args, n_ctx), budget)
+def plan_for(gguf_file, args, n_ctx: int, budget: int, n_seq: int = 1) -> Plan:
+    return make_plan(footprint(gguf_file, args, n_ctx, n_seq), budget)
 
 
 def spread_slots(fp, left: int) -> dict[int, int]:

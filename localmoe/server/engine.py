@@ -332,7 +332,9 @@ class Engine:
         from localmoe.model import load
         self.state = "loading"
         t0 = time.perf_counter()
-        m = load(path, **self.load_opts)
+        # a RAM budget holds every slot's KV cache (the GPU runner serves one sequence)
+        gpu = self.load_opts.get("device") == "cuda" or self.load_opts.get("gpu_budget") is not None
+        m = load(path, **self.load_opts, **({} if gpu or self.n_parallel == 1 else {"n_seq": self.n_parallel}))
         try:
             tok = m.tokenizer
             template, template_error, stops = None, None, []
