@@ -82,8 +82,8 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_e
         shape = tuple(reversed(t.ne))
         if t.init == "norm":
             a = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        elif t.init == "probs_b":  # DeepSeek-V3's selection bias: small beside the probabilities, as models.build
-            a = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+        elif t.init == "probs_b":  # DeepSeek-V3's selection bias: large enough to change some picks
+            a = (0.2 * rng.standard_normal(shape)).astype(np.float32)
         elif t.init == "router":
             a = (2 * rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
         else:
