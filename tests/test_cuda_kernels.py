@@ -221,7 +221,8 @@ def test_mla_views_copy_gate():
     ref = np.stack([w3[heads[s]] @ q[s, :16] for s in range(n_tok * nh)])
     assert np.abs(got[:, :rank] - ref).max() <= 1e-5 * np.abs(ref).max() and not got[:, rank:].any()
     ops.copy3(dout.reshape(n_tok, nh, 12)[:, :, rank:], dq.reshape(n_tok, nh, 24)[:, :, 16:20])
-    assert np.array_equal(dout.copy_to_host().reshape(n_tok, nh, 12)[:, :, rank:], q.reshape(n_tok, nh, 24)[:, :, 16:20])
+    moved = dout.copy_to_host().reshape(n_tok, nh, 12)[:, :, rank:]
+    assert np.array_equal(moved, q.reshape(n_tok, nh, 24)[:, :, 16:20])
     cache = cuda.to_device(np.zeros((6, nh, 10), np.float16))
     kpe = rng.standard_normal((n_tok, 1, 4)).astype(np.float32)
     ops.kv_store(cache[:, :, 6:], cuda.to_device(kpe), 2)
@@ -246,7 +247,8 @@ def test_hardware_launch_shapes():
         pytest.skip("on a GPU the tests above already use the hardware shapes")
     env = {**os.environ, "LOCALMOE_CUDA_LAUNCH": "32,4"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid) or mla"],
+                        "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid) "
+                        "or mla"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "8 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
