@@ -41,8 +41,10 @@ KERNELS += [("rms_norm", ops._rms_norm, (F2, F2, F1, t.float32)),
             ("add_rows", ops._add_rows, (F2, F1)),
             ("weighted_sum", ops._weighted_sum, (F2, F2, I1, I1, F1)),
             ("kv_store", ops._kv_store, (H3, F3, t.int32)),
+            ("copy3", ops._copy3, (F3, F3)),
+            ("add_gated", ops._add_gated, (F2, F2, F2)),
             ("attention", attention._attention, (F3, F3, F3, H3, H3, t.int32, t.float32)),
-            ("route", router._route, (t.int32[:, :], F2, F2, F2, t.int32, t.boolean, t.float32))]
+            ("route", router._route, (t.int32[:, :], F2, F2, F2, F2, F2, F1, t.int32, t.boolean, t.float32, t.int32))]
 
 if __name__ == "__main__":
     failed = 0

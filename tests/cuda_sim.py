@@ -38,16 +38,21 @@ def enable():
     return cuda
 
 
-def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_embd: int = 64, **hyper):
+def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_embd: int = 64,
+                variant: str | None = None, mla: tuple = (16, 16, 16), **hyper):
     """Write a random micro MoE GGUF small enough for the simulator (a real vocabulary's
     output head is too slow there): 1 layer, n_embd 64, 4 experts of 64 x 64, 2 used, Q8_0
-    matrices (as localmoe's quantizer writes them), F32 norms and router, a stub vocabulary."""
+    matrices (as localmoe's quantizer writes them), F32 norms and router, a stub vocabulary.
+    The layout is models.archs' (as cached_model's), for `variant`'s config (deepseek2: gating,
+    scale, norm, YaRN mscale; "-kvb": the legacy attn_kv_b form); hyper overrides the widths, mla
+    the MLA head dims (q/k nope, rope, v; models.archs has the real 128/64/128, too slow here)."""
     import gguf
     import numpy as np
     from gguf import GGMLQuantizationType as T
 
     from localmoe.quant import quant_type
     from models import archs
+    from models.build import _value_type
 
     qtype = T.Q8_0 if qtype is None else T(qtype)
     h = dict(n_embd=n_embd, n_head=2, n_head_kv=1, head_dim=32, n_ff=n_embd, n_ff_exp=n_embd, n_expert=4,
@@ -59,12 +64,17 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_e
                    "attention.head_count_kv": h["n_head_kv"], "rope.freq_base": 10000.0,
                    "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": h["n_expert"],
                    "expert_used_count": h["n_used"]})
-    archs.BUILDERS[arch](s, h, n_vocab, {}, False)
+    base, kvb = archs.resolve(arch, variant)
+    saved = archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V
+    archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V = mla
+    try:
+        archs.BUILDERS[arch](s, h, n_vocab, archs.CONFIGS[arch, base], kvb)
+    finally:
+        archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V = saved
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
     for k, v in s.keys.items():
-        w.add_key_value(f"{arch}.{k}", v, gguf.GGUFValueType.UINT32 if isinstance(v, int)
-                        else gguf.GGUFValueType.FLOAT32)
+        w.add_key_value(f"{arch}.{k}", v, _value_type(v))
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(n_vocab)])
     w.add_token_types([1] * n_vocab)
@@ -72,6 +82,8 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_e
         shape = tuple(reversed(t.ne))
         if t.init == "norm":
             a = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif t.init == "probs_b":  # DeepSeek-V3's selection bias: large enough to change some picks
+            a = (0.2 * rng.standard_normal(shape)).astype(np.float32)
         elif t.init == "router":
             a = (2 * rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
         else:

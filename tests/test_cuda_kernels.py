@@ -11,7 +11,7 @@ from localmoe.arch.base import route_topk  # noqa: E402
 from localmoe.gpu import attention as gattn  # noqa: E402
 from localmoe.gpu import ops, router  # noqa: E402
 from localmoe.gpu.matvec import gathered_matvec  # noqa: E402
-from localmoe.layers import Rope, apply_rope, attention, rms_norm  # noqa: E402
+from localmoe.layers import Rope, apply_rope, attention, rms_norm, sigmoid  # noqa: E402
 from localmoe.quant import quant_type  # noqa: E402
 from localmoe.quant.api import matvec  # noqa: E402
 
@@ -164,12 +164,76 @@ def test_route_topk(gating, norm, scale):
     rng = np.random.default_rng(7)
     logits = rng.standard_normal((4, 8)).astype(np.float32) * 2
     logits[2, 5] = logits[2, 1]
-    ids, wts, probs = (cuda.device_array((4, 3), np.int32), cuda.device_array((4, 3), np.float32),
-                       cuda.device_array((4, 8), np.float32))
-    router.route(ids, wts, probs, cuda.to_device(logits), gating, norm, scale)
+    ids, wts = cuda.device_array((4, 3), np.int32), cuda.device_array((4, 3), np.float32)
+    scratch = (cuda.device_array((4, 8), np.float32), cuda.device_array((4, 8), np.float32),
+               cuda.device_array((4, 1), np.float32))
+    router.route(ids, wts, scratch, cuda.to_device(logits), cuda.device_array(0, np.float32), gating, norm, scale)
     ref_ids, ref_w = route_topk(logits, 3, gating, norm, scale)
     assert np.array_equal(ids.copy_to_host(), ref_ids)
     assert np.abs(wts.copy_to_host() - ref_w).max() <= 1e-6 * np.abs(ref_w).max()
+
+
+@pytest.mark.parametrize("gating,bias,groups,norm,scale", [
+    ("sigmoid", True, (4, 2), True, 2.5),    # DeepSeek-V3: bias + groups, renormalised, scaled
+    ("softmax", False, (4, 2), False, 16.0),  # DeepSeek-V2: groups only
+    ("sigmoid", True, (1, 0), False, 1.0)])   # bias alone
+def test_route_bias_groups(gating, bias, groups, norm, scale):
+    """DeepSeek-V2/V3 selection (exp_probs_b bias, group-limited top-k; weights the unbiased
+    probabilities) for 5 tokens over 16 experts, k=4, one token with a tied group score:
+    ids equal localmoe.arch.deepseek2.route's, weights within rel 1e-6."""
+    from types import SimpleNamespace
+
+    from localmoe.arch.deepseek2 import route as cpu_route
+    rng = np.random.default_rng(8)
+    n_tok, n_exp, k = 5, 16, 4
+    logits = (rng.standard_normal((n_tok, n_exp)) * 2).astype(np.float32)
+    logits[3, 4:8] = logits[3, 8:12]  # groups 1 and 2 of token 3 score the same: the lower one wins
+    b = (rng.standard_normal(n_exp) * 0.3).astype(np.float32) if bias else None
+    a = SimpleNamespace(n_expert_used=k, gating=gating, expert_weights_norm=norm, expert_weights_scale=scale,
+                        n_group=groups[0], n_group_used=groups[1])
+    ref_ids, ref_w = cpu_route(logits, b, a)
+    ids, wts = cuda.device_array((n_tok, k), np.int32), cuda.device_array((n_tok, k), np.float32)
+    scratch = (cuda.device_array((n_tok, n_exp), np.float32), cuda.device_array((n_tok, n_exp), np.float32),
+               cuda.device_array((n_tok, groups[0]), np.float32))
+    router.route(ids, wts, scratch, cuda.to_device(logits),
+                 cuda.to_device(b) if bias else cuda.device_array(0, np.float32), gating, norm, scale,
+                 groups[1] if groups[0] > 1 else 0)
+    assert np.array_equal(ids.copy_to_host(), ref_ids)
+    assert np.abs(wts.copy_to_host() - ref_w).max() <= 1e-6 * np.abs(ref_w).max()
+
+
+def test_mla_views_copy_gate():
+    """What MLA and the shared experts add: the per-head absorbed matvec on strided column views
+    (x = q's first 16 of 24 columns per (token, head) slot, out = the first 8 of 12 columns),
+    within 1e-5 of max against numpy in float64; copy3 between views exact; kv_store of a
+    one-head x into every head of a cache column view, exact fp16; add_gated = out + y *
+    sigmoid(g) within rel 1e-6."""
+    rng = np.random.default_rng(9)
+    n_tok, nh, rank = 3, 2, 8
+    w = rng.standard_normal((nh * rank, 16)).astype(np.float16)  # (heads x rank) rows of 16 (nope)
+    q = rng.standard_normal((n_tok * nh, 24)).astype(np.float32)
+    dq, dw = _dev(q, w.view(np.uint8))
+    dout = cuda.to_device(np.zeros((n_tok * nh, 12), np.float32))
+    heads = np.tile(np.arange(nh, dtype=np.int32), n_tok)
+    gathered_matvec(T.F16, dout[:, :rank], dq[:, :16], dw, *_dev(heads, np.arange(n_tok * nh, dtype=np.int32)), rank)
+    got = dout.copy_to_host()
+    w3 = w.astype(np.float64).reshape(nh, rank, 16)
+    ref = np.stack([w3[heads[s]] @ q[s, :16] for s in range(n_tok * nh)])
+    assert np.abs(got[:, :rank] - ref).max() <= 1e-5 * np.abs(ref).max() and not got[:, rank:].any()
+    ops.copy3(dout.reshape(n_tok, nh, 12)[:, :, rank:], dq.reshape(n_tok, nh, 24)[:, :, 16:20])
+    moved = dout.copy_to_host().reshape(n_tok, nh, 12)[:, :, rank:]
+    assert np.array_equal(moved, q.reshape(n_tok, nh, 24)[:, :, 16:20])
+    cache = cuda.to_device(np.zeros((6, nh, 10), np.float16))
+    kpe = rng.standard_normal((n_tok, 1, 4)).astype(np.float32)
+    ops.kv_store(cache[:, :, 6:], cuda.to_device(kpe), 2)
+    host = cache.copy_to_host()
+    assert np.array_equal(host[2:5, :, 6:], np.broadcast_to(kpe.astype(np.float16), (n_tok, nh, 4)))
+    assert not host[:, :, :6].any() and not host[:2].any() and not host[5:].any()
+    base, y, g = (rng.standard_normal(s).astype(np.float32) for s in ((n_tok, 20), (n_tok, 20), (n_tok, 1)))
+    dbase = cuda.to_device(base)
+    ops.add_gated(dbase, *_dev(y, g))
+    ref = base + y * sigmoid(g)
+    assert np.abs(dbase.copy_to_host() - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 def test_hardware_launch_shapes():
@@ -183,9 +247,10 @@ def test_hardware_launch_shapes():
         pytest.skip("on a GPU the tests above already use the hardware shapes")
     env = {**os.environ, "LOCALMOE_CUDA_LAUNCH": "32,4"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid)"],
+                        "(experts and Q4_K) or (tiles and Q4_K) or rms_norm or attention or (route and sigmoid) "
+                        "or mla"],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "8 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def _cuda_home():
@@ -210,4 +275,4 @@ def test_kernels_compile_to_ptx():
     r = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).with_name("cuda_ptx.py"))],
                        capture_output=True, text=True, env=env, timeout=600)
     n_ok = sum(line.startswith("ok ") for line in r.stdout.splitlines())
-    assert r.returncode == 0 and n_ok == 22, r.stdout + r.stderr[-3000:]
+    assert r.returncode == 0 and n_ok == 24, r.stdout + r.stderr[-3000:]

@@ -1,5 +1,7 @@
 """A whole micro MoE model through the GPU runner on numba-cuda's simulator, at GPU budgets
-of 0%, 50% and 100% of the expert bytes, against the CPU path of the same file.
+of 0%, 50% and 100% of the expert bytes, against the CPU path of the same file; and one micro
+model per architecture variant the runner supports beyond the skeleton (shared experts, leading
+dense layers, MLA, DeepSeek-V3 routing) at a budget where VRAM and CPU experts share a step.
 
 The device kernels multiply f32 activations (as llama.cpp's CUDA dequantize paths do),
 while the CPU kernels first convert x to the weight's vec_dot type (fp16 for F16, Q8_0
@@ -87,6 +89,68 @@ def test_no_driver_is_a_clear_error(f16_model):
     r = subprocess.run([sys.executable, "-c", code, str(f16_model)], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# arch, models.archs variant, widths: micro versions of the tiny configs (models.archs' layout, keys and
+# routing config; 2 layers, n_embd 32, 8 experts of width 32, 2 used, MLA heads nope/rope/v 16, rank 32)
+VARIANTS = {
+    "qwen2moe": ("qwen2moe", None, dict(n_ff_exp=32, n_ff_shexp=64, n_head_kv=1)),
+    "deepseek": ("deepseek", None, dict(n_ff_exp=32, n_shared=2, n_lead=1)),
+    "deepseek2-v2-lite": ("deepseek2", "v2-lite", dict(n_ff_exp=32, n_shared=2, n_lead=1, kv_lora=32, q_lora=0)),
+    "deepseek2-v2": ("deepseek2", "v2", dict(n_ff_exp=32, n_shared=2, n_lead=1, kv_lora=32, q_lora=32,
+                                             groups=(4, 2))),
+    "deepseek2-v3": ("deepseek2", "v3", dict(n_ff_exp=32, n_shared=1, n_lead=1, kv_lora=32, q_lora=32,
+                                             groups=(4, 2))),
+    "deepseek2-v2-lite-kvb": ("deepseek2", "v2-lite-kvb", dict(n_ff_exp=32, n_shared=2, n_lead=1, kv_lora=32,
+                                                               q_lora=0)),
+}
+MICRO = dict(n_embd=32, n_head=2, n_head_kv=2, head_dim=16, n_ff=32, n_layer=2, n_expert=8, n_used=2, n_vocab=32)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gpu_arch_variants(tmp_path, name):
+    """F16 micro models at 25% (2 of 8 expert slots a layer): the prefill (3 tokens, one step
+    per layer) ran experts both in VRAM and on the CPU; prefill and decode logits within 3e-3 of
+    max |logit| of the CPU path (the CPU rounds activations to fp16 for F16 weights: 0.6-1.6e-3
+    seen here); the greedy pick of every row agrees where the CPU's top-2 margin exceeds twice that."""
+    arch, variant, widths = VARIANTS[name]
+    path = micro_model(tmp_path / f"{name}.gguf", arch=arch, qtype=T.F16, variant=variant, **{**MICRO, **widths})
+    toks = TOKENS[:3]
+    with localmoe.load(path, n_ctx=16) as m:
+        ref_pre, ref_step = m.eval(toks), m.forward([7])
+    with localmoe.load(path, n_ctx=16, gpu_budget="25%") as m:
+        pre = m.eval(toks)
+        st = m.gpu.stats()
+        step = m.forward([7])
+    assert st["gpu_pairs"] > 0 and st["cpu_pairs"] > 0, st
+    tol = 3e-3
+    for got, ref in ((pre, ref_pre), (step, ref_step)):
+        bound = tol * np.abs(ref).max()
+        assert np.abs(got - ref).max() <= bound
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        robust = top2[:, 1] - top2[:, 0] > 2 * bound
+        assert np.array_equal(got.argmax(-1)[robust], ref.argmax(-1)[robust])
+
+
+@pytest.mark.skipif(not HARDWARE, reason="GPU only (LOCALMOE_CUDA_HW=1): a real vocabulary's output head takes "
+                                         "minutes on the simulator")
+@pytest.mark.parametrize("arch,variant", [("qwen2moe", None), ("deepseek", None), ("deepseek2", "v2-lite"),
+                                          ("deepseek2", "v2"), ("deepseek2", "v3"), ("deepseek2", "v2-lite-kvb")])
+def test_gpu_tiny_models(arch, variant):
+    """models.build's tiny F16 models (real vocabularies) at 50%: prefill and decode logits within
+    3e-3 of max |logit| of the CPU path, both sides ran experts, and 8 greedy tokens agree."""
+    from models.build import cached_model
+    path = cached_model(arch, "tiny", "f16", variant)
+    ref_pre, ref_step, _ = _run(path)
+    pre, step, st = _run(path, gpu_budget="50%")
+    assert np.abs(pre - ref_pre).max() <= 3e-3 * np.abs(ref_pre).max()
+    assert np.abs(step - ref_step).max() <= 3e-3 * np.abs(ref_step).max()
+    assert st["gpu_pairs"] > 0 and st["cpu_pairs"] > 0
+    greedy = []
+    for kw in ({}, {"gpu_budget": "50%"}):
+        with localmoe.load(path, n_ctx=32, **kw) as m:
+            greedy.append([int(t) for t in m.generate_tokens(TOKENS, max_tokens=8, temperature=0.0)])
+    assert greedy[0] == greedy[1]
 
 
 @pytest.mark.skipif(not HARDWARE, reason="GPU only (LOCALMOE_CUDA_HW=1): minutes per model on the simulator")

@@ -63,3 +63,29 @@ def test_device_option_errors(micro):
         localmoe.load(micro, n_ctx=N_CTX, device="tpu")
     with pytest.raises(LocalMoEError, match="GPU budget needs the CUDA device"):
         localmoe.load(micro, n_ctx=N_CTX, device="cpu", gpu_budget="50%")
+
+
+def test_buffers_follow_the_architecture(tmp_path):
+    """Device scratch is sized from the file: the widest FFN counts a shared expert (qwen2moe:
+    shexp 64 beside experts of 32), and DeepSeek-V2's MLA gets its own shapes (q per head
+    nope + rope, the compressed kv, the absorbed q and the latent output), its KV cache one
+    latent row (kv_lora_rank + n_rot) per layer and position, fp16."""
+    from gguf import GGMLQuantizationType as T
+
+    from localmoe.planner.gpu import device_buffers, ffn_width
+    q2 = micro_model(tmp_path / "q2.gguf", arch="qwen2moe", qtype=T.F16, n_embd=32, n_ff_exp=32, n_ff_shexp=64,
+                     n_head_kv=1, head_dim=16)
+    with open_gguf(q2) as gf:
+        assert ffn_width(gf, 32) == 64
+    ds = micro_model(tmp_path / "ds.gguf", arch="deepseek2", variant="v2", qtype=T.F16, n_embd=32, head_dim=16,
+                     n_ff=32, n_layer=2, n_expert=8, n_ff_exp=32, n_shared=2, n_lead=1, kv_lora=32, q_lora=32,
+                     groups=(4, 2))
+    fp = _plan(ds, "0%")[0].fp
+    with open_gguf(ds) as gf:
+        args = arch_module(gf.arch).ModelArgs.from_gguf(gf)
+    b = device_buffers(args, N_CTX, 64)
+    nh, r, n_rot = 2, 32, 16  # micro_model's MLA dims: nope 16, rope 16, v 16
+    assert b["q"][0] == (N_CTX, nh * 32) and b["k"][0] == (N_CTX, r + n_rot) and b["qa"][0] == (N_CTX, 32)
+    assert b["qlat"][0] == (N_CTX, nh * (r + n_rot)) and b["alat"][0] == (N_CTX, nh * r)
+    assert b["att"][0] == (N_CTX, nh * 16) and b["gscore"][0] == (N_CTX, 4) and "v" not in b
+    assert fp.kv_bytes == 2 * N_CTX * (r + n_rot) * 2

@@ -1,4 +1,4 @@
-"""Row-wise and element-wise kernels: RMS norm, RoPE, SwiGLU, adds, the KV-cache store.
+"""Row-wise and element-wise kernels: RMS norm, RoPE, SwiGLU, adds, the KV-cache store, copies.
 
 Each has a host wrapper taking device arrays (shapes in the comments). Rounding follows
 localmoe.layers where it is cheap to (RMS norm sums squares in float64, RoPE rounds like
@@ -141,13 +141,45 @@ def weighted_sum(out, y, perm, start, wts, stream=0) -> None:
 
 
 @cuda.jit
-def _kv_store(cache, x, p0):  # cache f16[n_ctx, n_kv, hd]; x f32[n_tok, n_kv, hd]
-    n_kv, hd = x.shape[1], x.shape[2]
+def _kv_store(cache, x, p0):
+    # cache f16[n_ctx, n_kv, hd] (may be a column view); x f32[n_tok, n_kv or 1, hd]: one head goes to all
+    n_kv, hd = cache.shape[1], cache.shape[2]
+    one = x.shape[1] == 1
     for i in range(cuda.grid(1), x.shape[0] * n_kv * hd, cuda.gridsize(1)):
         t, rem = i // (n_kv * hd), i % (n_kv * hd)
-        cache[p0 + t, rem // hd, rem % hd] = np.float16(x[t, rem // hd, rem % hd])
+        h, d = rem // hd, rem % hd
+        cache[p0 + t, h, d] = np.float16(x[t, 0 if one else h, d])
 
 
 def kv_store(cache, x, p0: int, stream=0) -> None:
-    """cache f16[n_ctx, n_kv, hd][p0:p0+n_tok] = x f32[n_tok, n_kv, hd] (rounded to fp16)."""
-    _kv_store[_flat_grid(x.size), NT, stream](cache, x, int32(p0))
+    """cache f16[n_ctx, n_kv, hd][p0:p0+n_tok] = x f32[n_tok, n_kv, hd] (rounded to fp16); x with one
+    head is stored in every head (MLA's shared roped key in the legacy kv_b form). Either may be a view."""
+    n = x.shape[0] * cache.shape[1] * cache.shape[2]
+    _kv_store[_flat_grid(n), NT, stream](cache, x, int32(p0))
+
+
+@cuda.jit
+def _copy3(out, x):  # out/x f32[a, b, c], either a strided view
+    b, c = x.shape[1], x.shape[2]
+    for i in range(cuda.grid(1), x.shape[0] * b * c, cuda.gridsize(1)):
+        t, rem = i // (b * c), i % (b * c)
+        out[t, rem // c, rem % c] = x[t, rem // c, rem % c]
+
+
+def copy3(out, x, stream=0) -> None:
+    """out = x for f32[a, b, c] arrays or views (MLA: the roped q columns beside the absorbed ones)."""
+    _copy3[_flat_grid(x.shape[0] * x.shape[1] * x.shape[2]), NT, stream](out, x)
+
+
+@cuda.jit
+def _add_gated(out, y, g):  # out/y f32[n_tok, n]; g f32[n_tok, 1]: the shared-expert gate logit
+    n = out.shape[1]
+    for i in range(cuda.grid(1), out.shape[0] * n, cuda.gridsize(1)):
+        t, c = i // n, i % n
+        gate = float32(1.0) / (float32(1.0) + math.exp(-g[t, 0]))  # as layers.sigmoid
+        out[t, c] += y[t, c] * gate
+
+
+def add_gated(out, y, g, stream=0) -> None:
+    """out += y * sigmoid(g) row by row: qwen2moe's shared expert y f32[n_tok, n] gated by g f32[n_tok, 1]."""
+    _add_gated[_flat_grid(out.shape[0] * out.shape[1]), NT, stream](out, y, g)

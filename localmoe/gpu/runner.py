@@ -9,8 +9,10 @@ device work is queued on the compute stream before the CPU experts run, so they 
 expert moves go on the tier's copy stream (tier.py). Token
 embeddings are looked up on the host, as llama.cpp does.
 
-Architectures: those whose blocks are the shared skeleton plus a QK-norm and routing
-variant (ARCHS); others raise UnsupportedError.
+Architectures: ARCHS (gpu/archs.py) describes each one's quirks: QK-norm, MHA or DeepSeek's
+latent attention (gpu/mla.py), routing (softmax/sigmoid, renormalised, DeepSeek-V3's bias and
+groups), shared experts (plain or sigmoid-gated); blocks without a router run a dense FFN
+(leading dense layers). Others raise UnsupportedError.
 """
 from __future__ import annotations
 
@@ -19,17 +21,16 @@ from gguf import GGMLQuantizationType as T
 
 from localmoe.errors import UnsupportedError
 from localmoe.moe import swiglu_ffn
-from localmoe.planner.gpu import device_buffers, gpu_plan
+from localmoe.planner.gpu import device_buffers, ffn_width, gpu_plan
 from localmoe.weights import Activation, Linear
 
 from . import attention as gattn
 from . import ops, router
+from .archs import ARCHS
 from .device import cuda as get_cuda
 from .matvec import gathered_matvec, supported
+from .mla import MlaAttention
 from .tier import VramExperts
-
-# arch -> (QK-norm: None / "head" (per head) / "full" (whole projection), renormalise the top-k weights)
-ARCHS = {"qwen3moe": ("head", True), "olmoe": ("full", False), "llama": (None, True)}
 
 
 class _DevLinear:
@@ -50,12 +51,12 @@ class GpuRunner:
         a = model.args
         if a.arch not in ARCHS:
             raise UnsupportedError(f"--device cuda runs {', '.join(ARCHS)} models; {a.arch} is not supported yet")
-        self.qk_norm, self.renorm = ARCHS[a.arch]
+        self.arch = ARCHS[a.arch]
         self.cuda = cuda = get_cuda()
         self.model = model
         self.plan = gpu_plan(model.file, a, model.n_ctx, "100%" if gpu_budget is None else gpu_budget)
         self.buf = {name: cuda.device_array(shape, dtype) for name, (shape, dtype) in
-                    device_buffers(a, model.n_ctx, self._n_ff(model)).items()}
+                    device_buffers(a, model.n_ctx, ffn_width(model.file, a.n_embd)).items()}
         self.buf["arange"].copy_to_device(np.arange(self.buf["arange"].shape[0], dtype=np.int32))
         self.buf["zeros"].copy_to_device(np.zeros(self.buf["zeros"].shape[0], np.int32))
         self.no_weight = cuda.device_array(0, np.float32)
@@ -66,7 +67,9 @@ class GpuRunner:
         shape_k = (model.n_ctx, a.n_head_kv, a.head_dim_k)
         shape_v = (model.n_ctx, a.n_head_kv, a.head_dim_v)
         self.k_cache = [cuda.device_array(shape_k, np.float16) for _ in range(a.n_layer)]
-        self.v_cache = [cuda.device_array(shape_v, np.float16) for _ in range(a.n_layer)]
+        self.v_cache = [cuda.device_array(shape_v, np.float16) if a.head_dim_v else None  # MLA: V is K's view
+                        for _ in range(a.n_layer)]
+        self.attention = MlaAttention(self) if self.arch.attention == "mla" else self._attention
         for key, dev in self._expert_stacks(model).items():
             if not supported(dev.qtype):
                 raise UnsupportedError(f"{dev.name}: no CUDA kernel for {dev.qtype.name} experts")
@@ -78,12 +81,6 @@ class GpuRunner:
     @property
     def args(self):  # the Model's, which set_expert_used replaces
         return self.model.args
-
-    @staticmethod
-    def _n_ff(model) -> int:
-        sizes = [lin.n_out for blk in model.blocks for name, lin in vars(blk.w).items()
-                 if isinstance(lin, Linear) and name in ("ffn_up_exps", "ffn_up")]
-        return max(sizes, default=model.args.n_embd)
 
     @staticmethod
     def _expert_stacks(model) -> dict:
@@ -101,11 +98,14 @@ class GpuRunner:
                 d[name] = cuda.to_device(np.ascontiguousarray(v, np.float32))
         if "ffn_gate_exps" not in vars(blk.w) and "ffn_up_exps" in vars(blk.w):
             raise UnsupportedError("--device cuda: experts without a gate tensor are not supported yet")
+        need = {"plain": ("ffn_up_shexp",), "gated": ("ffn_up_shexp", "ffn_gate_inp_shexp")}.get(self.arch.shared, ())
+        if "ffn_gate_inp" in d and any(n not in d for n in need):  # the arch's ModelArgs.check requires them
+            raise UnsupportedError(f"--device cuda: block {blk.il} lacks its shared expert ({', '.join(need)})")
         return d
 
     # --- forward ---------------------------------------------------------------
 
-    def _linear(self, lin: _DevLinear, out, x, n: int) -> None:
+    def linear(self, lin: _DevLinear, out, x, n: int) -> None:
         """out[:n] = lin(x[:n]) on the device: one slot per token on matrix 0."""
         b = self.buf
         gathered_matvec(lin.qtype, out[:n], x[:n], lin.w, b["zeros"][:n], b["arange"][:n], lin.n_out, stream=self.st)
@@ -128,7 +128,7 @@ class GpuRunner:
     def _logits(self, first: int, n: int) -> np.ndarray:
         b, eps = self.buf, self.args.norm_eps
         ops.rms_norm(b["hn"][first:n], b["x"][first:n], self.output_norm, eps, stream=self.st)
-        self._linear(self.output, b["logits"], b["hn"][first:n], n - first)
+        self.linear(self.output, b["logits"], b["hn"][first:n], n - first)
         return b["logits"][:n - first].copy_to_host(stream=self.st)
 
     def _hidden(self, ids: np.ndarray) -> None:
@@ -138,27 +138,27 @@ class GpuRunner:
         for blk, w in zip(m.blocks, self.layers):
             x, hn, tmp = b["x"][:n], b["hn"][:n], b["tmp"][:n]
             ops.rms_norm(hn, x, w["attn_norm"], a.norm_eps, stream=self.st)
-            self._attention(blk.il, w, hn, n, p0)
+            self.attention(blk.il, w, hn, n, p0)
             ops.add(x, x, tmp, stream=self.st)
             ops.rms_norm(hn, x, w["ffn_norm"], a.norm_eps, stream=self.st)
             if "ffn_gate_inp" in w:
                 self._moe(blk, w, n)
             else:
-                self._dense_ffn(w, n)
+                self._ffn(w, "", b["tmp"], n)
             ops.add(x, x, tmp, stream=self.st)
 
     def _attention(self, il: int, w: dict, hn, n: int, p0: int) -> None:
         a, b = self.args, self.buf
         q, k, v = b["q"][:n], b["k"][:n], b["v"][:n]
-        self._linear(w["attn_q"], b["q"], hn, n)
-        self._linear(w["attn_k"], b["k"], hn, n)
-        self._linear(w["attn_v"], b["v"], hn, n)
-        if self.qk_norm == "head":
+        self.linear(w["attn_q"], b["q"], hn, n)
+        self.linear(w["attn_k"], b["k"], hn, n)
+        self.linear(w["attn_v"], b["v"], hn, n)
+        if self.arch.qk_norm == "head":
             ops.rms_norm(q.reshape(n * a.n_head, a.head_dim_k), q.reshape(n * a.n_head, a.head_dim_k),
                          w["attn_q_norm"], a.norm_eps, stream=self.st)
             ops.rms_norm(k.reshape(n * a.n_head_kv, a.head_dim_k), k.reshape(n * a.n_head_kv, a.head_dim_k),
                          w["attn_k_norm"], a.norm_eps, stream=self.st)
-        elif self.qk_norm == "full":
+        elif self.arch.qk_norm == "full":
             ops.rms_norm(q, q, w["attn_q_norm"], a.norm_eps, stream=self.st)
             ops.rms_norm(k, k, w["attn_k_norm"], a.norm_eps, stream=self.st)
         q3, k3 = q.reshape(n, a.n_head, a.head_dim_k), k.reshape(n, a.n_head_kv, a.head_dim_k)
@@ -168,19 +168,26 @@ class GpuRunner:
         ops.kv_store(self.v_cache[il], v.reshape(n, a.n_head_kv, a.head_dim_v), p0, stream=self.st)
         att = b["att"][:n].reshape(n, a.n_head, a.head_dim_v)
         gattn.attention(att, b["probs"][:n], q3, self.k_cache[il], self.v_cache[il], p0, a.kq_scale, stream=self.st)
-        self._linear(w["attn_output"], b["tmp"], b["att"], n)
+        self.linear(w["attn_output"], b["tmp"], b["att"], n)
 
-    def _dense_ffn(self, w: dict, n: int) -> None:
+    def _ffn(self, w: dict, suffix: str, out, n: int) -> None:
+        """out[:n] = down(silu(gate hn) * up hn) for the block's dense FFN (suffix "") or shared experts ("_shexp")."""
         b = self.buf
-        self._linear(w["ffn_gate"], b["eg"], b["hn"], n)
-        self._linear(w["ffn_up"], b["eu"], b["hn"], n)
-        ops.swiglu(b["eh"][:n], b["eg"][:n], b["eu"][:n], stream=self.st)
-        self._linear(w["ffn_down"], b["tmp"], b["eh"], n)
+        eg, eu, eh = (self.rows(name, n, w["ffn_up" + suffix].n_out) for name in ("eg", "eu", "eh"))
+        self.linear(w["ffn_gate" + suffix], eg, b["hn"], n)
+        self.linear(w["ffn_up" + suffix], eu, b["hn"], n)
+        ops.swiglu(eh, eg, eu, stream=self.st)
+        self.linear(w["ffn_down" + suffix], out, eh, n)
+
+    def rows(self, name: str, n: int, width: int):
+        """A contiguous f32[n, width] over the start of buffer `name` (sized for the widest FFN): the
+        kernels take the row length from their input's shape."""
+        return self.buf[name].reshape(-1)[:n * width].reshape(n, width)
 
     def _moe(self, blk, w: dict, n: int) -> None:
         """tmp[:n] = the routed experts' sum: VRAM experts on the device, the rest on the CPU."""
         m, a, b, il = self.model, self.args, self.buf, blk.il
-        self._linear(w["ffn_gate_inp"], b["router"], b["hn"], n)
+        self.linear(w["ffn_gate_inp"], b["router"], b["hn"], n)
         k = a.n_expert_used
         if k > b["ids"].shape[1]:
             raise UnsupportedError(f"--device cuda: {k} experts per token is more than the {b['ids'].shape[1]} "
@@ -189,8 +196,10 @@ class GpuRunner:
         if k != b["ids"].shape[1]:  # set_expert_used lowered k: contiguous views of the first n*k entries
             ids_d = b["ids"].reshape(-1)[:n * k].reshape(n, k)
             wts_d = b["wts"].reshape(-1)[:n * k].reshape(n, k)
-        router.route(ids_d, wts_d, b["rprobs"][:n], b["router"][:n], "softmax", self.renorm, a.expert_weights_scale,
-                     stream=self.st)
+        gating, norm = self.arch.routing(a)
+        groups = a.n_group_used if getattr(a, "n_group", 0) > 1 else 0
+        router.route(ids_d, wts_d, (b["rprobs"][:n], b["rsel"][:n], b["gscore"][:n]), b["router"][:n],
+                     w.get("exp_probs_b", self.no_weight), gating, norm, a.expert_weights_scale, groups, stream=self.st)
         ids, wts = ids_d.copy_to_host(stream=self.st), wts_d.copy_to_host(stream=self.st)
         self.st.synchronize()
         m.store.note_selected(il, ids)
@@ -206,9 +215,17 @@ class GpuRunner:
         self.pairs["cpu"] += slot.size - tok.size
         if tok.size:
             self._vram_experts(il, n, tok, slot[tok, j], wts[tok, j])
+        if self.arch.shared:  # queued before the CPU experts, added after them (the CPU path's order)
+            self._ffn(w, "_shexp", b["sh"], n)
+            if self.arch.shared == "gated":
+                self.linear(w["ffn_gate_inp_shexp"], b["shg"], b["hn"], n)
         if h is not None:  # the CPU experts run while the device works on its own
             part = self._cpu_experts(il, h, ids, wts, cpu)
             ops.add(tmp, tmp, self.cuda.to_device(part, stream=self.st), stream=self.st)
+        if self.arch.shared == "gated":
+            ops.add_gated(tmp, b["sh"][:n], b["shg"][:n], stream=self.st)
+        elif self.arch.shared:
+            ops.add(tmp, tmp, b["sh"][:n], stream=self.st)
         self.experts.update(il, ids, self.st)
 
     def _vram_experts(self, il: int, n: int, tok, slots, wts) -> None:
@@ -225,12 +242,13 @@ class GpuRunner:
         start = to_dev(np.searchsorted(tok, np.arange(n + 1)).astype(np.int32))
         stack, q, st = self.experts.stack, self.qtypes, self.st
         n_ff = self.experts.rows[il, "ffn_up_exps"]
-        gathered_matvec(q["ffn_gate_exps"], b["eg"][:g], b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff,
+        eg, eu, eh = (self.rows(name, g, n_ff) for name in ("eg", "eu", "eh"))
+        gathered_matvec(q["ffn_gate_exps"], eg, b["hn"][:n], stack(il, "ffn_gate_exps"), sid, xrow, n_ff,
                         stream=st)
-        gathered_matvec(q["ffn_up_exps"], b["eu"][:g], b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff,
+        gathered_matvec(q["ffn_up_exps"], eu, b["hn"][:n], stack(il, "ffn_up_exps"), sid, xrow, n_ff,
                         stream=st)
-        ops.swiglu(b["eh"][:g], b["eg"][:g], b["eu"][:g], stream=self.st)
-        gathered_matvec(q["ffn_down_exps"], b["ey"][:g], b["eh"][:g], stack(il, "ffn_down_exps"), sid,
+        ops.swiglu(eh, eg, eu, stream=self.st)
+        gathered_matvec(q["ffn_down_exps"], b["ey"][:g], eh, stack(il, "ffn_down_exps"), sid,
                         b["arange"][:g], self.args.n_embd, stream=self.st)
         ops.weighted_sum(b["tmp"][:n], b["ey"][:g], to_dev(perm), start, to_dev(wts.astype(np.float32)), stream=self.st)
 

@@ -25,21 +25,48 @@ class GpuBudgetTooSmallError(LocalMoEError):
 
 
 def device_buffers(args, n_ctx: int, n_ff: int) -> dict:
-    """name -> (shape, dtype) of the runner's device scratch for one micro-batch."""
+    """name -> (shape, dtype) of the runner's device scratch for one micro-batch. n_ff: the widest
+    FFN (routed, shared or dense; `ffn_width`)."""
     ub = min(N_UBATCH, n_ctx)
     k = max(args.n_expert_used, 1)
-    n_q, n_kv = args.n_head * args.head_dim_k, args.n_head_kv * args.head_dim_k
+    n_exp = max(args.n_expert, 1)
     f4, i4 = "float32", "int32"
-    return {
+    bufs = {
         "x": ((ub, args.n_embd), f4), "hn": ((ub, args.n_embd), f4), "tmp": ((ub, args.n_embd), f4),
-        "q": ((ub, n_q), f4), "k": ((ub, n_kv), f4), "v": ((ub, args.n_head_kv * args.head_dim_v), f4),
-        "att": ((ub, args.n_head * args.head_dim_v), f4), "probs": ((ub, args.n_head, n_ctx), f4),
-        "router": ((ub, max(args.n_expert, 1)), f4), "rprobs": ((ub, max(args.n_expert, 1)), f4),
-        "ids": ((ub, k), i4), "wts": ((ub, k), f4),
+        "probs": ((ub, args.n_head, n_ctx), f4),
+        "router": ((ub, n_exp), f4), "rprobs": ((ub, n_exp), f4), "rsel": ((ub, n_exp), f4),
+        "gscore": ((ub, max(getattr(args, "n_group", 0), 1)), f4), "ids": ((ub, k), i4), "wts": ((ub, k), f4),
         "eg": ((ub * k, n_ff), f4), "eu": ((ub * k, n_ff), f4), "eh": ((ub * k, n_ff), f4),
         "ey": ((ub * k, args.n_embd), f4), "arange": ((ub * k,), i4), "zeros": ((ub * k,), i4),
+        "sh": ((ub, args.n_embd), f4), "shg": ((ub, 1), f4),
         "logits": ((ub, args.n_vocab), f4),
     }
+    r = getattr(args, "kv_lora_rank", 0)
+    if not r:  # q/k/v projections, attention output
+        n_q, n_kv = args.n_head * args.head_dim_k, args.n_head_kv * args.head_dim_k
+        bufs.update({"q": ((ub, n_q), f4), "k": ((ub, n_kv), f4), "v": ((ub, args.n_head_kv * args.head_dim_v), f4),
+                     "att": ((ub, args.n_head * args.head_dim_v), f4)})
+        return bufs
+    # DeepSeek-V2 MLA (localmoe.gpu.mla): q per head (nope + rope), the compressed kv (latent + roped key),
+    # the q LoRA's rank; the latent form's absorbed q and latent attention output, or the legacy kv_b output
+    nh, n_rot, nope = args.n_head, args.rope.n_rot, args.head_dim_qk - args.rope.n_rot
+    bufs.update({"q": ((ub, nh * args.head_dim_qk), f4), "k": ((ub, r + n_rot), f4),
+                 "att": ((ub, nh * args.head_dim_v_mla), f4)})
+    if args.q_lora_rank:
+        bufs["qa"] = ((ub, args.q_lora_rank), f4)
+    if args.mla:
+        bufs.update({"qlat": ((ub, nh * (r + n_rot)), f4), "alat": ((ub, nh * r), f4)})
+    else:
+        bufs["v"] = ((ub, nh * (nope + args.head_dim_v_mla)), f4)
+    return bufs
+
+
+_FFN = re.compile(r"^blk\.\d+\.ffn_(?:up|gate)(?:_exps|_shexp)?\.weight$")
+
+
+def ffn_width(gguf_file, n_embd: int) -> int:
+    """The widest FFN hidden layer of any block: routed experts, shared experts or a dense FFN."""
+    return max([n_embd] + [int(t.shape[-2]) for n, t in gguf_file.tensors.items() if _FFN.match(n)])
 
 
 def device_buffer_bytes(args, n_ctx: int, n_ff: int) -> int:
@@ -81,9 +108,7 @@ def gpu_plan(gguf_file, args, n_ctx: int, budget, fp: Footprint | None = None) -
     """budget: bytes, a size ("8G"), or "N%": the dense part plus N% of all expert bytes."""
     fp = fp or footprint(gguf_file, args, n_ctx)
     emb = gguf_file.tensors["token_embd.weight"]
-    n_ff = max((s.shape[1] for le in fp.layers for s in le.stacks if s.name != "ffn_down_exps"), default=args.n_embd)
-    n_ff = max([n_ff] + [int(t.shape[-2]) for n, t in gguf_file.tensors.items()
-                         if n.endswith((".ffn_up.weight", ".ffn_gate.weight"))])
+    n_ff = ffn_width(gguf_file, args.n_embd)
     rope = n_ctx * args.rope.n_rot * 4  # cos and sin, f32[n_ctx, n_rot/2] each
     weights = fp.non_expert_bytes - int(emb.n_bytes)
     scratch = device_buffer_bytes(args, n_ctx, n_ff) + rope
