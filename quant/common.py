@@ -306,13 +306,13 @@ def _matvec_experts(out, act, ws, sel, xrow, gstart, n_par):  # template, see ma
             i = take_item(counters, t, n_items, n_par)
 
 
-def make_matvec_experts(row, name: str):
+def make_matvec_experts(row, name: str, parallel=True):
     """Kernel `name`(out, act, ws, sel, xrow, gstart, n_par): out[m, s] = ws[m][sel[s]] @ x[xrow[s]]
     for every matrix m and slot s (llama.cpp's mul_mat_id: a MoE step's expert matvecs) in one parallel
     region, rows taken MATVEC_CHUNK at a time (common.take_item). Slots gstart[g]..gstart[g + 1] - 1
     share one expert (sel equal there) and go through each of its rows together. `row(w, r, act, t)` is
     one row's dot with token t of the prepared activation tuple `act`."""
-    return specialise(_matvec_experts, name, row=row)
+    return specialise(_matvec_experts, name, parallel, row=row)
 
 
 def check_expert_stacks(qt, out, act, stacks, sel, xrow):
@@ -324,12 +324,18 @@ def check_expert_stacks(qt, out, act, stacks, sel, xrow):
         raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
 
 
+# products of at most this many multiply-adds run on the calling thread: a parallel region's fork
+# and join cost more (legacy types' matmuls and fused experts; see legacy.matmul_q8act_serial)
+SERIAL_MACS = 1 << 19
+
+
 class FusedExperts:
     """Mixin: `matvec_experts_into` runs all of a MoE decode step's expert matvecs in one parallel region, the
     kernel `_experts` (a make_matvec_experts kernel; None: the base class's matvec per expert). One region
     matters on a busy machine, where every fork/join can wait for a descheduled thread."""
 
     _experts = None
+    _experts_serial = None  # the same kernel without a parallel region, for small products (SERIAL_MACS)
 
     def matvec_experts_into(self, out, act, stacks, sel, xrow, gstart=None):
         if self._experts is None:
@@ -340,4 +346,7 @@ class FusedExperts:
         elif gstart[0] != 0 or gstart[-1] != len(sel) or (np.diff(gstart) <= 0).any() \
                 or (sel[gstart[:-1].repeat(np.diff(gstart))] != sel).any():
             raise ValueError(f"{self.qtype.name}: expert groups {gstart} do not fit the slots {sel}")
-        self._experts(out, tuple(act), tuple(stacks), sel, xrow, gstart, numba.get_num_threads())
+        if self._experts_serial is not None and out.size * act[0].shape[-1] <= SERIAL_MACS:
+            self._experts_serial(out, tuple(act), tuple(stacks), sel, xrow, gstart, 1)
+        else:
+            self._experts(out, tuple(act), tuple(stacks), sel, xrow, gstart, numba.get_num_threads())

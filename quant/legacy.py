@@ -18,7 +18,8 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .base import QuantType
-from .common import FusedExperts, FusedMatvec, fuse_matvec, make_matvec_experts, prefetch_row, rows_ahead, specialise
+from .common import (SERIAL_MACS, FusedExperts, FusedMatvec, fuse_matvec, make_matvec_experts, prefetch_row,
+                     rows_ahead, specialise)
 from .floats import f16_to_f32
 from .q8 import QK8, q8_serial, quantize_activations
 
@@ -196,12 +197,17 @@ def matvec_q8act(out, qy, dy, sy, w, kind):  # out f32[n_rows], qy i8[n_cols], d
         out[r] = _dot_row(w[r], qy, dy, sy, kind)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q8act(out, qy, dy, sy, w, kind):  # out f32[n_tok, n_rows], qy i8[n_tok, n_cols], dy/sy f32[n_tok, n_cols//32], w u8[n_rows, row_bytes]
+def _matmul_q8act(out, qy, dy, sy, w, kind):  # template; out f32[n_tok, n_rows], qy i8[n_tok, n_cols], dy/sy f32[n_tok, n_cols//32], w u8[n_rows, row_bytes]
     for r in prange(w.shape[0]):
         wr = w[r]
         for t in range(qy.shape[0]):
             out[t, r] = _dot_row(wr, qy[t], dy[t], sy[t], kind)
+
+
+matmul_q8act = specialise(_matmul_q8act, "matmul_q8act", _dot_row=_dot_row)
+# the same on the calling thread, for small products (SERIAL_MACS): a 256 x 256 Q8_0 matvec took
+# 3.3 us so and 7.7 us through a parallel region (2 threads, OMP passive, a busy machine)
+matmul_q8act_serial = specialise(_matmul_q8act, "matmul_q8act_serial", parallel=False, _dot_row=_dot_row)
 
 
 @njit(inline="always")
@@ -263,6 +269,8 @@ class _Legacy(FusedMatvec, FusedExperts, QuantType):
         kernel = specialise(_matvec_kind, f"matvec_{name}", parallel=False, KIND=int(cls.qtype), matvec_q8act=matvec_q8act)
         cls._matvec_x = staticmethod(fuse_matvec(q8_serial, kernel, f"matvec_x_{name}", cls.qtype))
         cls._experts = staticmethod(make_matvec_experts(_expert_row(int(cls.qtype)), f"matvec_experts_{name}"))
+        cls._experts_serial = staticmethod(make_matvec_experts(_expert_row(int(cls.qtype)),
+                                                               f"matvec_experts_serial_{name}", parallel=False))
 
     def dequantize_into(self, out, w):
         dequantize_legacy(out, w, int(self.qtype))
@@ -273,7 +281,9 @@ class _Legacy(FusedMatvec, FusedExperts, QuantType):
 
     def matmul_prepared_into(self, out, act, w):
         self._check(out.shape[1], *act, w)
-        if out.shape[0] == 1:
+        if out.size * act[0].shape[-1] <= SERIAL_MACS:
+            matmul_q8act_serial(out, *act, w, int(self.qtype))
+        elif out.shape[0] == 1:
             matvec_q8act(out[0], *(a[0] for a in act), w, int(self.qtype))
         else:
             matmul_q8act(out, *act, w, int(self.qtype))

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     from localmoe.quant import quant_type
     from quant_helpers import F16_FIELDS, random_weights, random_x
 
-    n_rows, n_cols = 40, 512
+    n_rows, n_cols = 1100, 512  # past legacy.SERIAL_MACS, so that the parallel kernels run
     for t in (T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
         qt = quant_type(t)
         w = random_weights(t, n_rows, n_cols, 0) if t in F16_FIELDS else \
