@@ -156,6 +156,7 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
             if time.perf_counter() - t_ckpt > 60 * sched.ckpt_minutes:
                 save()
                 t_ckpt = time.perf_counter()
+    elapsed += time.perf_counter() - t_log   # the steps since the last log record
     save()
     return model
 
