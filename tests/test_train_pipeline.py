@@ -266,11 +266,16 @@ def test_bias_update_moves_towards_balance():
     b = m.routing_bias()
     assert b[0, 0].item() == pytest.approx(-0.01) and b[0, 1].item() == pytest.approx(0.01)
     assert (b[0, 2:] == 0).all() and (b[1] == 0).all() and not b.requires_grad
-    # a heavily biased expert is chosen by every token; its unbiased weight is what scales its output
+    # the bias selects but does not weight: a common offset changes nothing, one large entry forces its expert
+    x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
+        before, _, loads0 = m(x)
+        m.blocks[1].exp_probs_b.add_(0.5)
+        after, _, loads1 = m(x)
+        assert torch.equal(before, after) and torch.equal(loads0, loads1)
         m.blocks[1].exp_probs_b[5] = 10.0
-    _, _, loads = m(torch.randint(0, 300, (2, 16)))
-    assert loads[0, 5].item() == 32 and loads[1, 5].item() <= 32
+        forced, _, loads2 = m(x)
+    assert loads2[0, 5].item() == 32 and not torch.equal(forced, before)   # every one of the 32 tokens
 
 
 @pytest.mark.train
