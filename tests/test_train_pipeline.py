@@ -153,6 +153,28 @@ def test_tokenizer_gguf_metadata(vocab_file):
                    "BERNARDO.\nLong live the king!\n\nSHAKESPEARE.\n")
 
 
+# --- expert-share picture --------------------------------------------------
+
+def test_plot_draws_one_map_per_layer(tmp_path):
+    from models.train import plot
+    rng = np.random.default_rng(0)
+    log = tmp_path / "log.jsonl"
+    recs = []
+    for step in (25, 50, 75):
+        share = rng.dirichlet(np.ones(8), size=3)          # 3 MoE layers x 8 experts
+        recs.append(json.dumps({"step": step, "expert_share": share.tolist()}))
+    log.write_text("\n".join(recs) + "\n")
+    steps, shares = plot.read_shares(log)
+    assert steps == [25, 50, 75] and shares.shape == (3, 3, 8)
+    img = plot.draw(steps, shares)
+    h = 8 * (plot.CELL + 1) + 1
+    assert img.shape[0] == 3 * (h + plot.GAP) + 8 * plot.SCALE and img.dtype == np.uint8
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "expert_shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log.write_text(recs[0] + "\n" + json.dumps({"step": 100, "expert_share": [[0.5, 0.5]]}) + "\n")
+    assert plot.main([str(log)]) == 1        # two runs' records mixed: a clear error, no picture
+
+
 # --- torch: export fidelity and resume (marked `train`; not in the default suite) ---
 
 def _tiny_config(arch: str, n_vocab: int):

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     try:
         steps, shares = read_shares(log)
         write_atomic(out, encode_png(draw(steps, shares)))
-    except LocalMoEError as e:
+    except (LocalMoEError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}: {shares.shape[1]} layers x {shares.shape[2]} experts, steps {steps[0]}..{steps[-1]}")
