@@ -183,10 +183,13 @@ def _tiny_config(arch: str, n_vocab: int):
     if arch == "qwen3moe":
         return Config(n_vocab=n_vocab, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=16,
                       n_expert=8, n_used=2, n_ff_exp=64, ctx=64)
-    # 1 dense + 2 MoE layers, sigmoid routing with a selection bias, MLA with small per-config head dims
-    return DSConfig(n_vocab=n_vocab, n_embd=64, n_layer=3, n_head=4, q_lora=32 if arch == "deepseek2-qlora" else 0,
-                    kv_lora=32, nope=32, rope=16, v_dim=48, n_ff=96, n_expert=16, n_used=4, n_shared=1,
-                    n_ff_exp=32, ctx=64)
+    # 1 dense + 2 MoE layers, sigmoid routing with a selection bias, MLA with small per-config head dims;
+    # without a q LoRA the ds-full preset's head count, top-k and shared experts
+    if arch == "deepseek2-qlora":
+        return DSConfig(n_vocab=n_vocab, n_embd=64, n_layer=3, n_head=4, q_lora=32, kv_lora=32, nope=32, rope=16,
+                        v_dim=48, n_ff=96, n_expert=16, n_used=4, n_shared=1, n_ff_exp=32, ctx=64)
+    return DSConfig(n_vocab=n_vocab, n_embd=64, n_layer=3, n_head=8, kv_lora=64, nope=32, rope=16, v_dim=48,
+                    n_ff=96, n_expert=16, n_used=6, n_shared=2, n_ff_exp=32, ctx=64)
 
 
 # (arch, a weight whose change must show in the logits)
