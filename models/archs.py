@@ -68,7 +68,8 @@ CONFIGS = {
         tiny=dict(n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_ff_exp=256, n_expert=16,
                   n_used=4, n_shared=2, n_lead=1, n_layer=3),
         ctx=4096, rope_base=10000.0, eps=1e-6),
-    # MLA dims (qk_nope 128, qk_rope 64, v 128) are the real ones at both sizes.
+    # MLA dims default to the real ones (qk_nope 128, qk_rope 64, v 128) at both sizes; a config may
+    # set mla=(nope, rope, v). yarn=False writes no YaRN keys (plain RoPE up to ctx).
     ("deepseek2", "v2-lite"): dict(
         bench=dict(n_embd=2048, n_head=16, n_ff=10944, n_ff_exp=1408, n_expert=64, n_used=6,
                    n_shared=2, n_lead=1, n_layer=3, q_lora=0, kv_lora=512),
@@ -97,7 +98,7 @@ VOCAB = {"llama": "llama-spm", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "olmoe"
          "deepseek": "deepseek-llm", "deepseek2": "deepseek-llm"}
 KVB_SUFFIX = "-kvb"   # deepseek2: legacy single attn_kv_b instead of attn_k_b/attn_v_b
 ARCHS = tuple(DEFAULT_VARIANT)
-MLA_NOPE, MLA_ROPE, MLA_V = 128, 64, 128
+MLA_DIMS = (128, 64, 128)   # DeepSeek-V2/V3's (qk_nope, qk_rope, v) per head
 
 
 def variants(arch: str) -> list[str]:
@@ -246,6 +247,7 @@ def _ffn_deepseek(s: Spec, i: int, h: dict) -> None:
 
 def _deepseek2(s: Spec, h: dict, n_vocab: int, cfg: dict, kvb: bool) -> None:
     d, nh, kv_lora, q_lora = h["n_embd"], h["n_head"], h["kv_lora"], h["q_lora"]
+    nope, rope, v = cfg.get("mla", MLA_DIMS)
     groups = h.get("groups", cfg.get("groups"))
     s.keys.update({
         "leading_dense_block_count": h["n_lead"], "vocab_size": n_vocab,
@@ -254,25 +256,30 @@ def _deepseek2(s: Spec, h: dict, n_vocab: int, cfg: dict, kvb: bool) -> None:
         "expert_weights_scale": float(cfg["scale"]),
         "expert_group_count": groups[0], "expert_group_used_count": groups[1],
         "expert_gating_func": {"softmax": 1, "sigmoid": 2}[cfg["gating"]],
-        "rope.dimension_count": MLA_ROPE,
-        "rope.scaling.type": "yarn", "rope.scaling.factor": 40.0,
-        "rope.scaling.original_context_length": 4096,
-        "rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
-        # the converter stores 0.1 * mscale_all_dim; llama.cpp divides it back out
-        "rope.scaling.yarn_log_multiplier": 0.1 * cfg["mscale_all"],
+        "rope.dimension_count": rope,
     })
+    if cfg.get("yarn", True):
+        s.keys.update({
+            "rope.scaling.type": "yarn", "rope.scaling.factor": 40.0,
+            "rope.scaling.original_context_length": 4096,
+            "rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+            # the converter stores 0.1 * mscale_all_dim; llama.cpp divides it back out
+            "rope.scaling.yarn_log_multiplier": 0.1 * cfg["mscale_all"],
+        })
+    else:
+        s.keys["rope.scaling.type"] = "none"
     if cfg["norm"]:
         s.keys["expert_weights_norm"] = True
     if q_lora or h["n_layer"] not in (26, 27):
         # llama.cpp reads q_lora_rank unless n_layer says "Lite" (26/27): 0 = no q LoRA
         s.keys["attention.q_lora_rank"] = q_lora
     if kvb:   # legacy converters: MHA view, one kv_b tensor
-        s.keys.update({"attention.head_count_kv": nh, "attention.key_length": MLA_NOPE + MLA_ROPE,
-                       "attention.value_length": MLA_V})
+        s.keys.update({"attention.head_count_kv": nh, "attention.key_length": nope + rope,
+                       "attention.value_length": v})
     else:     # current converter: MQA over the latent, split k_b / v_b
-        s.keys.update({"attention.head_count_kv": 1, "attention.key_length": kv_lora + MLA_ROPE,
+        s.keys.update({"attention.head_count_kv": 1, "attention.key_length": kv_lora + rope,
                        "attention.value_length": kv_lora,
-                       "attention.key_length_mla": MLA_NOPE + MLA_ROPE, "attention.value_length_mla": MLA_V})
+                       "attention.key_length_mla": nope + rope, "attention.value_length_mla": v})
     _embd_out(s, h, n_vocab)
     for i in range(h["n_layer"]):
         p = f"blk.{i}."
@@ -280,27 +287,27 @@ def _deepseek2(s: Spec, h: dict, n_vocab: int, cfg: dict, kvb: bool) -> None:
         if q_lora:
             s.tensors += [Tensor(p + "attn_q_a_norm.weight", (q_lora,), "norm"),
                           Tensor(p + "attn_q_a.weight", (d, q_lora)),
-                          Tensor(p + "attn_q_b.weight", (q_lora, nh * (MLA_NOPE + MLA_ROPE)))]
+                          Tensor(p + "attn_q_b.weight", (q_lora, nh * (nope + rope)))]
         else:
-            s.tensors.append(Tensor(p + "attn_q.weight", (d, nh * (MLA_NOPE + MLA_ROPE))))
+            s.tensors.append(Tensor(p + "attn_q.weight", (d, nh * (nope + rope))))
         s.tensors += [Tensor(p + "attn_kv_a_norm.weight", (kv_lora,), "norm"),
-                      Tensor(p + "attn_kv_a_mqa.weight", (d, kv_lora + MLA_ROPE))]
-        kv_b = Tensor(p + "attn_kv_b.weight", (kv_lora, nh * (MLA_NOPE + MLA_V)))
-        s.tensors += [kv_b] if kvb else _split_kv_b(kv_b, nh, kv_lora)
-        s.tensors.append(Tensor(p + "attn_output.weight", (nh * MLA_V, d)))
+                      Tensor(p + "attn_kv_a_mqa.weight", (d, kv_lora + rope))]
+        kv_b = Tensor(p + "attn_kv_b.weight", (kv_lora, nh * (nope + v)))
+        s.tensors += [kv_b] if kvb else _split_kv_b(kv_b, nh, kv_lora, nope, v)
+        s.tensors.append(Tensor(p + "attn_output.weight", (nh * v, d)))
         s.tensors.append(Tensor(p + "ffn_norm.weight", (d,), "norm"))
         _ffn_deepseek(s, i, h)
         if i >= h["n_lead"] and cfg["gating"] == "sigmoid":
             s.tensors.append(Tensor(p + "exp_probs_b.bias", (h["n_expert"],), "probs_b"))
 
 
-def _split_kv_b(kv_b: Tensor, nh: int, kv_lora: int) -> list[Tensor]:
+def _split_kv_b(kv_b: Tensor, nh: int, kv_lora: int, nope: int, v: int) -> list[Tensor]:
     """attn_k_b / attn_v_b holding the same numbers as kv_b, split as convert_hf_to_gguf does."""
     def heads(a):   # numpy (nh*(nope+v), kv_lora) -> (nh, nope+v, kv_lora)
-        return a.reshape(nh, MLA_NOPE + MLA_V, kv_lora)
+        return a.reshape(nh, nope + v, kv_lora)
     k_name, v_name = kv_b.name.replace("kv_b", "k_b"), kv_b.name.replace("kv_b", "v_b")
-    return [Tensor(k_name, (MLA_NOPE, kv_lora, nh), derive=(kv_b, lambda a: heads(a)[:, :MLA_NOPE].transpose(0, 2, 1))),
-            Tensor(v_name, (kv_lora, MLA_V, nh), derive=(kv_b, lambda a: heads(a)[:, MLA_NOPE:]))]
+    return [Tensor(k_name, (nope, kv_lora, nh), derive=(kv_b, lambda a: heads(a)[:, :nope].transpose(0, 2, 1))),
+            Tensor(v_name, (kv_lora, v, nh), derive=(kv_b, lambda a: heads(a)[:, nope:]))]
 
 
 BUILDERS = {"llama": _llama, "qwen2moe": _qwen, "qwen3moe": _qwen, "olmoe": _olmoe,

@@ -1,7 +1,8 @@
 """Train the Shakespeare MoE, export it to GGUF F16 and check the export.
 
-    python -m models.train --preset smoke              # ~5 min, 1 thread
-    nice python -m models.train --preset full --threads 2   # ~75 min; rerun the same line to resume
+    python -m models.train --preset smoke              # qwen3moe, ~5 min, 1 thread
+    nice python -m models.train --preset full --threads 2   # qwen3moe, ~75 min; rerun the same line to resume
+    nice python -m models.train --preset ds-full --threads 2   # deepseek2, see README; resumes the same way
 
 Steps (each reuses the previous one's output in --out): corpus + tokenizer + token
 streams, training (checkpoint every few minutes, resumes from out/ckpt.pt), export
@@ -22,7 +23,8 @@ from tokenizers import Tokenizer
 from localmoe.errors import LocalMoEError
 
 from . import corpus, export, tokenizer, verify
-from .model import Config, MoEModel
+from .deepseek2 import DSConfig
+from .model import Config
 from .train import Schedule, heldout_loss, heldout_windows, train, unigram_loss
 
 VOCAB_SIZE = 8192
@@ -37,7 +39,20 @@ PRESETS = {   # n_vocab is filled in from the trained tokenizer
     "full": (Config(n_vocab=0, n_embd=256, n_layer=6, n_head=4, n_head_kv=2, head_dim=64, n_expert=8,
                     n_used=2, n_ff_exp=512, ctx=256),
              Schedule(steps=1600, batch=16, lr=2e-3, warmup=200, eval_every=250, ckpt_minutes=10.0)),
+    # deepseek2 (DeepSeek-V3 style): MLA, 1 dense + 2 MoE layers of 32 experts, top-4 + 1 shared
+    "ds-smoke": (DSConfig(n_vocab=0, n_embd=128, n_layer=3, n_head=4, kv_lora=64, nope=32, rope=16, v_dim=48,
+                          n_ff=256, n_expert=32, n_used=4, n_shared=1, n_ff_exp=64, ctx=512),
+                 Schedule(steps=300, batch=2, lr=3e-3, warmup=30, eval_every=100, ckpt_minutes=2.0,
+                          aux_coef=1e-4, bias_rate=1e-2)),
+    # the fine-grained model: MLA, 1 dense + 5 MoE layers of 32 experts, top-6 + 2 shared, 2048 context;
+    # 24M parameters, as many active per token as "full". 900 steps = 7.37M tokens (~4 epochs), ~2 h at
+    # 2 threads (README)
+    "ds-full": (DSConfig(n_vocab=0, n_embd=256, n_layer=6, n_head=8, kv_lora=128, nope=32, rope=16, v_dim=48,
+                         n_ff=1024, n_expert=32, n_used=6, n_shared=2, n_ff_exp=128, ctx=2048),
+                Schedule(steps=900, batch=4, lr=2e-3, warmup=100, eval_every=250, ckpt_minutes=10.0,
+                         aux_coef=1e-4, bias_rate=1e-2)),
 }
+SHORT_CTX = 256   # the shipped qwen3moe model's context: every preset also reports its held-out loss there
 
 
 def prepare(data_dir: Path):
@@ -84,7 +99,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, n_vocab=tok.get_vocab_size())
     if a.steps is not None:
         sched = dataclasses.replace(sched, steps=a.steps)
-    n_params = sum(p.numel() for p in MoEModel(cfg).parameters())
+    n_params = sum(p.numel() for p in cfg.build().parameters())
     print(f"{a.preset}: {n_params / 1e6:.1f}M parameters; train {len(train_ids)} tokens, "
           f"held-out {len(ho_ids)} tokens")
     windows = heldout_windows(ho_ids, cfg.ctx, N_EVAL_WINDOWS)
@@ -94,8 +109,16 @@ def run(a: argparse.Namespace) -> int:
            "train_seconds_this_run": time.perf_counter() - t0,
            "heldout_loss": heldout_loss(model, windows),
            "unigram_heldout_loss": unigram_loss(train_ids, windows, cfg.n_vocab)}
+    if cfg.ctx > SHORT_CTX:
+        short = heldout_windows(ho_ids, SHORT_CTX, N_EVAL_WINDOWS)
+        res[f"heldout_loss_ctx{SHORT_CTX}"] = heldout_loss(model, short)
+        res[f"unigram_heldout_loss_ctx{SHORT_CTX}"] = unigram_loss(train_ids, short, cfg.n_vocab)
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    share = np.array(last["expert_share"])
+    res["final_expert_share"] = {"step": last["step"], "balanced": 1 / cfg.n_expert,
+                                 "min": share.min(1).tolist(), "max": share.max(1).tolist()}
     gguf_path = export.write_gguf(out / "model-f16.gguf", model.gguf_tensors(), cfg.archs_config(),
-                                  tokenizer.gguf_keys(tok), f"localmoe-shakespeare-{a.preset}")
+                                  tokenizer.gguf_keys(tok), f"localmoe-shakespeare-{a.preset}", arch=cfg.arch)
     res["gguf"] = str(gguf_path)
     if not a.no_verify:
         res["tokenizer"] = verify.check_tokenizer(gguf_path, tok, "\n".join(ho_texts))

@@ -13,6 +13,7 @@ auxiliary load-balancing loss (Switch Transformer) is training-only: inference
 routes exactly as above.
 """
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,17 @@ class Config:
     ctx: int = 256
     rope_base: float = 10000.0
     eps: float = 1e-6
+    arch: ClassVar[str] = "qwen3moe"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def build(self) -> "MoEModel":
+        return MoEModel(self)
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layer
 
     def archs_config(self) -> dict:
         """The CONFIGS entry models.archs builds the GGUF keys and tensor layout from."""
@@ -47,6 +56,11 @@ class Config:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) with weights in nn.Linear's [out, in] layout."""
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,7 @@ class Block(nn.Module):
             if tok.numel() == 0:
                 continue
             xe = h[tok]
-            y = (F.silu(xe @ self.ffn_gate_exps[e].T) * (xe @ self.ffn_up_exps[e].T)) @ self.ffn_down_exps[e].T
+            y = swiglu(xe, self.ffn_gate_exps[e], self.ffn_up_exps[e], self.ffn_down_exps[e])
             out.index_add_(0, tok, y * w[tok, slot, None])
         # Switch loss: E * sum_e (share of routed slots) * (mean router prob); 1 when balanced
         frac = load.to(h.dtype) / ids.numel()

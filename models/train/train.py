@@ -1,4 +1,5 @@
 """The resumable training loop, held-out loss and the unigram baseline."""
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from localmoe.errors import LocalMoEError
 
-from .model import Config, MoEModel
+from .model import Config
 
 
 class CheckpointError(LocalMoEError):
@@ -27,7 +28,8 @@ class Schedule:
     warmup: int = 100
     min_lr_frac: float = 0.1
     weight_decay: float = 0.1
-    aux_coef: float = 0.01  # Switch load-balancing loss weight
+    aux_coef: float = 0.01  # auxiliary balancing loss weight (the model's: Switch, or DeepSeek-V3 sequence-wise)
+    bias_rate: float = 0.0  # DeepSeek-V3 selection-bias update per step (models with update_bias)
     clip: float = 1.0
     seed: int = 0
     log_every: int = 25
@@ -57,9 +59,10 @@ def heldout_windows(tokens: np.ndarray, ctx: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model: MoEModel, windows: torch.Tensor, chunk: int = 8) -> float:
+def heldout_loss(model, windows: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats) over every position of the windows."""
     model.eval()
+    chunk = max(1, min(8, 2048 // (windows.shape[1] - 1)))   # <= 8 windows and <= 2048 tokens at once
     total, n = 0.0, 0
     for i in range(0, len(windows), chunk):
         w = windows[i:i + chunk]
@@ -77,13 +80,19 @@ def unigram_loss(train_tokens: np.ndarray, windows: torch.Tensor, n_vocab: int) 
     return float(-logp[windows[:, 1:].numpy().ravel()].mean())
 
 
+def same_schedule(saved: dict, sched: Schedule) -> bool:
+    """A checkpoint's schedule equals SCHED; fields it predates count as their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Schedule) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved} == sched.__dict__
+
+
 def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch.Tensor, out: Path,
-          max_minutes: float | None = None, log=print) -> MoEModel:
+          max_minutes: float | None = None, log=print):
     """Train (or resume from out/ckpt.pt) up to sched.steps or max_minutes; checkpoints every ckpt_minutes."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "ckpt.pt"
     torch.manual_seed(sched.seed)
-    model = MoEModel(cfg)
+    model = cfg.build()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate_inp" not in n]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2 or "gate_inp" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": sched.weight_decay},
@@ -91,7 +100,7 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
     step, elapsed = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["cfg"] != cfg.to_dict() or state["sched"] != sched.__dict__:
+        if state["cfg"] != cfg.to_dict() or not same_schedule(state["sched"], sched):
             raise CheckpointError(f"{ckpt} was written for another config; use another --out or delete it")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -106,7 +115,7 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
 
     t_start = t_ckpt = t_log = time.perf_counter()
     cpu_log, tok_log, loss_log = time.process_time(), 0, []
-    load = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.int64)   # routed slots since the last log
+    load = torch.zeros(cfg.n_moe_layers, cfg.n_expert, dtype=torch.int64)   # routed slots since the last log
     model.train()
     with open(out / "log.jsonl", "a") as logf:
         while step < sched.steps:
@@ -122,6 +131,8 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
             (loss + sched.aux_coef * aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), sched.clip)
             opt.step()
+            if sched.bias_rate:
+                model.update_bias(l, sched.bias_rate)
             step += 1
             load += l
             tok_log += w[:, 1:].numel()
@@ -133,6 +144,8 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
                        "lr": lr_at(sched, step - 1), "tok_s": tok_log / (now - t_log),
                        "tok_per_cpu_s": tok_log / (time.process_time() - cpu_log),
                        "expert_share": (load.double() / load.sum(1, keepdim=True)).numpy().round(4).tolist()}
+                if hasattr(model, "routing_bias"):
+                    rec["bias"] = model.routing_bias().numpy().round(4).tolist()
                 if step % sched.eval_every == 0 or step == sched.steps:
                     rec["heldout_loss"] = heldout_loss(model, windows)
                 logf.write(json.dumps(rec) + "\n")
@@ -143,6 +156,7 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
             if time.perf_counter() - t_ckpt > 60 * sched.ckpt_minutes:
                 save()
                 t_ckpt = time.perf_counter()
+    elapsed += time.perf_counter() - t_log   # the steps since the last log record
     save()
     return model
 
@@ -150,6 +164,8 @@ def train(cfg: Config, sched: Schedule, train_tokens: np.ndarray, windows: torch
 def _describe(rec: dict) -> str:
     share = np.array(rec["expert_share"])   # [n_layer, n_expert]; 1/n_expert each when balanced
     held = f" heldout {rec['heldout_loss']:.3f}" if "heldout_loss" in rec else ""
+    bias = np.array(rec.get("bias", 0.0))
     return (f"step {rec['step']}: loss {rec['loss']:.3f}{held} aux {rec['aux']:.3f} {rec['tok_s']:.0f} tok/s "
             f"({rec['tok_per_cpu_s']:.0f} per CPU s); expert share min/max per layer "
-            + " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(share.min(1), share.max(1))))
+            + " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(share.min(1), share.max(1)))
+            + (f"; bias {bias.min():+.3f}..{bias.max():+.3f}" if "bias" in rec else ""))
