@@ -45,7 +45,7 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_e
     matrices (as localmoe's quantizer writes them), F32 norms and router, a stub vocabulary.
     The layout is models.archs' (as cached_model's), for `variant`'s config (deepseek2: gating,
     scale, norm, YaRN mscale; "-kvb": the legacy attn_kv_b form); hyper overrides the widths, mla
-    the MLA head dims (q/k nope, rope, v; models.archs has the real 128/64/128, too slow here)."""
+    the MLA head dims (q/k nope, rope, v; the configs' real 128/64/128 are too slow here)."""
     import gguf
     import numpy as np
     from gguf import GGMLQuantizationType as T
@@ -65,12 +65,7 @@ def micro_model(path, arch: str = "qwen3moe", qtype=None, n_vocab: int = 64, n_e
                    "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": h["n_expert"],
                    "expert_used_count": h["n_used"]})
     base, kvb = archs.resolve(arch, variant)
-    saved = archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V
-    archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V = mla
-    try:
-        archs.BUILDERS[arch](s, h, n_vocab, archs.CONFIGS[arch, base], kvb)
-    finally:
-        archs.MLA_NOPE, archs.MLA_ROPE, archs.MLA_V = saved
+    archs.BUILDERS[arch](s, h, n_vocab, {**archs.CONFIGS[arch, base], "mla": tuple(mla)}, kvb)
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
     for k, v in s.keys.items():
