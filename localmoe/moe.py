@@ -19,11 +19,13 @@ def swiglu_ffn(x, gate, up, down) -> np.ndarray:
     return down(silu(u) if gate is None else silu(gate(x)) * u)
 
 
-def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            run: np.ndarray | None = None) -> np.ndarray:
     """Sum over slots of weights[t, s] * expert_{ids[t, s]}(x[t]).
 
     x f32[n_tok, n_embd]; ids i32[n_tok, k]; weights f32[n_tok, k] -> f32[n_tok, n_embd].
-    x is converted for the expert kernels once, not once per expert.
+    run bool[n_tok, k]: only these pairs are computed (localmoe.routing's levers; None: all), a
+    skipped slot adds nothing. x is converted for the expert kernels once, not once per expert.
     """
     store.note_selected(layer, ids)
     n_tok, k = ids.shape
@@ -35,16 +37,23 @@ def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarr
         return swiglu_ffn(xe, gate, store.expert(layer, "ffn_up_exps", e), store.expert(layer, "ffn_down_exps", e))
 
     if n_tok == 1:  # decode: slots in order, no grouping
+        sel, wts = (ids[0], weights[0]) if run is None else (ids[0][run[0]], weights[0][run[0]])
+        if sel.size == 0:
+            return np.zeros((1, x.shape[1]), np.float32)
         stacks = _resident_stacks(store, layer, has_gate)
         if stacks is not None:
-            return _decode_resident(xa, *stacks, ids[0].astype(np.int64), weights[0])
-        out = expert_y(ids[0, 0], xa) * weights[0, 0]
-        for s in range(1, k):
-            out += expert_y(ids[0, s], xa) * weights[0, s]
+            return _decode_resident(xa, *stacks, sel.astype(np.int64), wts)
+        out = expert_y(sel[0], xa) * wts[0]
+        for s in range(1, sel.size):
+            out += expert_y(sel[s], xa) * wts[s]
         return out
-    ys = np.empty((n_tok, k, x.shape[1]), np.float32)  # f32[n_tok, k, n_embd]: per-slot outputs
-    for e in np.unique(ids):
-        tok, slot = np.nonzero(ids == e)
+    picked = ids if run is None else np.where(run, ids, -1)
+    # f32[n_tok, k, n_embd]: per-slot outputs (a skipped slot's are 0, and x + 0 is x)
+    ys = (np.empty if run is None else np.zeros)((n_tok, k, x.shape[1]), np.float32)
+    for e in np.unique(picked):
+        if e < 0:
+            continue
+        tok, slot = np.nonzero(picked == e)
         ys[tok, slot] = expert_y(e, xa.take_rows(tok)) * weights[tok, slot, None]
     out = ys[:, 0].copy()
     for s in range(1, k):
