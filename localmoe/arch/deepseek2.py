@@ -181,11 +181,14 @@ def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs, keep: np.nd
     if a.n_group > 1:
         n_tok = sel.shape[0]
         groups = sel.reshape(n_tok, a.n_group, -1)                          # f32[n_tok, n_group, per_group]
-        score = -np.sort(-groups, axis=-1)[..., :2].sum(axis=-1)             # f32[n_tok, n_group]
-        keep = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
+        best2 = -np.sort(-groups, axis=-1)[..., :2]                        # f32[n_tok, n_group, 2]
+        score = best2.sum(axis=-1)                                           # f32[n_tok, n_group]
+        if keep is not None:  # a masked group scores its survivors (-inf when it has none)
+            score = np.where(np.isneginf(best2[..., 0]), -np.inf, np.where(np.isneginf(best2), 0, best2).sum(-1))
+        top = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
         masked = np.full_like(groups, -np.inf)
         rows = np.arange(n_tok)[:, None]
-        masked[rows, keep] = groups[rows, keep]
+        masked[rows, top] = groups[rows, top]
         sel = masked.reshape(n_tok, -1)
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
