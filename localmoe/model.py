@@ -292,11 +292,11 @@ class Model:
         return keep
 
     def routing_stats(self) -> dict:
-        """Since the last reset_routing_stats: tokens routed per expert layer, and the mean number of
+        """Since the last reset_routing_stats: (token, expert layer) pairs routed, and the mean number of
         experts computed per token and expert layer (n_expert_used unless a lever skips some)."""
         blocks = [b for b in self.blocks if b.n_routed]
         routed = sum(b.n_routed for b in blocks)
-        return {"tokens_routed": routed, "n_expert_used": self.args.n_expert_used,
+        return {"token_layers_routed": routed, "n_expert_used": self.args.n_expert_used,
                 "mean_experts_run": sum(b.n_run for b in blocks) / routed if routed else None,
                 "min_expert_weight": self.blocks[0].min_weight if self.blocks else 0.0,
                 "kept_experts": {b.il: int(b.keep.sum()) for b in self.blocks if b.keep is not None}}
