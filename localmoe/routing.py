@@ -14,7 +14,9 @@ with the normalised weight) are not computed; the token's heaviest expert always
 keep their weights, not renormalised: the skipped term w * y is replaced by 0, an error of at most
 W * |y|, and the model's output scale stays as trained; renormalising would instead stand the other
 experts in for the skipped one, and archs that never renormalise (OLMoE, Qwen2-MoE, DeepSeek v1)
-have no sum to restore. W -> 0 is then the unchanged model.
+have no sum to restore. W -> 0 is then the unchanged model. On the shipped model (8 held-out
+chunks of 256 tokens) keeping the weights gave the lower perplexity at W = 0.2, 0.3 and 0.4
+(93.19 / 93.90 / 94.64 against 94.06 / 94.34 / 96.24 renormalised; 92.26 without skipping).
 """
 from __future__ import annotations
 

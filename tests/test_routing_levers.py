@@ -184,7 +184,8 @@ def test_mean_experts_run_falls_with_the_threshold(tiny):
 def test_load_options_apply_the_levers():
     path = model_file("qwen3moe")
     with localmoe.load(path, n_ctx=64, min_expert_weight=0.4, mask_experts={1: [0, 1, 2, 3]}) as m:
-        assert m.blocks[0].min_weight == 0.4 and m.blocks[1].keep.tolist() == [True] * 4 + [False] * (m.args.n_expert - 4)
+        assert m.blocks[0].min_weight == 0.4
+        assert m.blocks[1].keep.tolist() == [True] * 4 + [False] * (m.args.n_expert - 4)
         assert m.blocks[0].keep is None
         assert m.routing_stats()["kept_experts"] == {1: 4}
 
