@@ -39,7 +39,7 @@ Prints:
        c) --min-expert-weight at --thresholds (default 0.1-0.4): per-token
           adaptive routing, with the mean number of experts actually run.
      b) and c) are localmoe only: llama.cpp has neither option. Each row: PPL,
-     greedy decode tokens/s (--decode steps after --prompt tokens, the median of
+     greedy decode tokens/s (--decode steps after --prompt tokens, the fastest of
      --repeats, every config's repetitions interleaved so that the machine's load
      falls on all alike) and tokens per CPU second, each relative to the trained
      k without levers; then one line per lever against the study's findings (c):
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=None, help="greedy decode steps per repetition (default 64, "
                                                              "with --study 32)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed decode repetitions; medians are shown (default 3, with --study 5)")
+                    help="timed decode repetitions; medians are shown (default 3; with --study 7, the fastest shown)")
     ap.add_argument("--study", action="store_true", help="only e), the study's three levers on --model as it is")
     ap.add_argument("--drops", type=float_list, default=[0.25, 0.5, 0.75],
                     help="--study: fractions of each layer's experts dropped (default 0.25,0.5,0.75)")
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         from localmoe.shipped import default_model_path
         a.model = a.model or default_model_path()
         a.chunks = 10 if a.chunks is None else a.chunks
-        a.decode, a.repeats = (32 if a.decode is None else a.decode), (5 if a.repeats is None else a.repeats)
+        a.decode, a.repeats = (32 if a.decode is None else a.decode), (7 if a.repeats is None else a.repeats)
         if min(a.chunks + 1, a.prompt, a.decode, a.repeats, a.threads, a.profile_chunks) < 1 or \
                 not all(0 < x < 1 for x in a.drops + a.thresholds):
             ap.error("--chunks must be >= 0, --prompt/--decode/--repeats/--threads/--profile-chunks >= 1, "
@@ -553,7 +553,7 @@ def report_study(res: dict) -> None:
         return
     rows, points = study_rows(res)
     print(f"\ne) the study's levers: PPL and greedy decode tokens/s ({a['decode']} steps after {a['prompt']} prompt "
-          f"tokens, median of {a['repeats']}, the configs' repetitions interleaved); relative to the trained k "
+          f"tokens, fastest of {a['repeats']}, the configs' repetitions interleaved); relative to the trained k "
           f"without levers. llama.cpp has no expert masks and no adaptive routing: b) and c) are localmoe only.")
     show(["lever", "setting", "experts run/token", "experts kept/layer", "PPL", "vs base", "decode tok/s",
           "vs base", "tok/CPU-s", "vs base", "llama.cpp PPL", "llama.cpp tok/s"], rows)

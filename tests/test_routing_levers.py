@@ -134,9 +134,12 @@ def test_least_used_drops_the_rarest_first():
 TOKENS = list(range(100, 124))
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[(a, None) for a in ARCHS] + [("deepseek2", "v3")],
+                ids=lambda p: "-".join(filter(None, p)))
 def tiny(request):
-    with localmoe.load(model_file(request.param), n_ctx=64) as m:
+    """Every architecture's default variant, and DeepSeek-V3's sigmoid routing with exp_probs_b and groups."""
+    arch, variant = request.param
+    with localmoe.load(model_file(arch, variant=variant), n_ctx=64) as m:
         yield m
 
 
