@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 
-LEVERS = {  # lever -> (table label, what the setting means, PNG colour)
-    "k": ("a) active experts", "k", (33, 102, 172)),
-    "drop": ("b) experts dropped", "dropped per layer", (178, 24, 43)),
-    "min_weight": ("c) min expert weight", "W", (26, 150, 65)),
+LEVERS = {  # lever -> (table label, PNG colour)
+    "k": ("a) active experts", (33, 102, 172)),
+    "drop": ("b) experts dropped", (178, 24, 43)),
+    "min_weight": ("c) min expert weight", (26, 150, 65)),
 }
 FINDINGS = {
     "k": "fewer active experts: large speed gain for little quality loss",
@@ -52,13 +52,16 @@ def study_worker(job: dict) -> dict:
         if lever == "min_weight":
             m.set_min_expert_weight(v)
 
-    def decode(n_steps):  # greedy: the prompt from an empty cache, then n_steps single-token steps timed
+    def decode(n_steps):  # greedy: the prompt from an empty cache, then n_steps single-token steps, each timed
         m.reset()
         toks = [int(np.argmax(m.forward(prompt, all_logits=False)[-1]))]
-        t, c = time.perf_counter(), time.process_time()
+        walls, cpus = [], []
         for _ in range(n_steps):
+            t, c = time.perf_counter(), time.process_time()
             toks.append(int(np.argmax(m.forward([toks[-1]])[-1])))
-        return time.perf_counter() - t, time.process_time() - c, toks
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        return walls, cpus, toks
 
     out = {}
     for i, (lever, v) in enumerate(job["configs"]):
@@ -70,44 +73,45 @@ def study_worker(job: dict) -> dict:
         out[i] = {"lever": lever, "value": v, "ppl": r.ppl, "ppl_err": r.ppl_err, "n_scored": r.n_scored,
                   "wall_s": time.perf_counter() - t, "mean_experts_run": s["mean_experts_run"],
                   "experts_kept": m.args.n_expert if kept is None else min(len(e) for e in kept.values()),
-                  "decode_s": [], "decode_cpu_s": []}
+                  "kept": kept, "step_s": [], "step_cpu_s": []}
     for lever, v in job["configs"]:  # untimed warm-up of each config's decode path
         apply(lever, v)
         decode(2)
     for _ in range(job["repeats"]):
         for i, (lever, v) in enumerate(job["configs"]):
             apply(lever, v)
-            secs, cpu, out[i]["tokens"] = decode(job["decode"])
-            out[i]["decode_s"].append(secs)
-            out[i]["decode_cpu_s"].append(cpu)
+            walls, cpus, out[i]["tokens"] = decode(job["decode"])
+            out[i]["step_s"].append(walls)
+            out[i]["step_cpu_s"].append(cpus)
     m.close()
     return {"configs": out, "profile_counts": counts.tolist()}
 
 
-def tok_s(decode_s: list[float], n: int) -> float:
-    """Tokens/s of the fastest repetition: on a shared machine other processes only ever slow a
-    run down, so the least disturbed one is the best estimate of the config's own speed."""
-    return n / min(decode_s)
+def tok_s(step_s: list[list[float]]) -> float:
+    """Decode tokens/s from step_s [repetition][step] seconds: each step's fastest repetition,
+    summed. On a shared machine other processes only ever slow a step down, and a quiet few
+    milliseconds come far more often than a quiet whole run."""
+    best = np.min(np.asarray(step_s, np.float64), axis=0)
+    return best.size / best.sum()
 
 
 def study_rows(res: dict) -> tuple[list[list], dict]:
     """Table rows and the PNG's points {lever: [(speed %, PPL %, label)]}, each relative to the
     baseline (trained k, no lever, localmoe)."""
-    a, st = res["args"], res["study"]
-    n = a["decode"]
+    st = res["study"]
     cfg = st["localmoe"]["configs"]
     ref = st.get("llama.cpp", {})
     base = cfg[0]
-    b_ppl, b_tps, b_cps = base["ppl"], tok_s(base["decode_s"], n), tok_s(base["decode_cpu_s"], n)
+    b_ppl, b_tps, b_cps = base["ppl"], tok_s(base["step_s"]), tok_s(base["step_cpu_s"])
     rows, points = [], {lever: [] for lever in LEVERS}
     for i in sorted(cfg):
         c = cfg[i]
         lever, v = c["lever"], c["value"]
-        tps, cps = tok_s(c["decode_s"], n), tok_s(c["decode_cpu_s"], n)
+        tps, cps = tok_s(c["step_s"]), tok_s(c["step_cpu_s"])
         r_ppl = r_tps = None
         if lever == "k" and "error" not in ref:
             r_ppl = ref["ppl"][v]["ppl"]
-            r_tps = tok_s(ref["decode"][v]["decode_s"], n)
+            r_tps = tok_s(ref["decode"][v]["step_s"])
         setting = (f"k={v}" + (" (trained)" if i == 0 else "") if lever == "k"
                    else f"{v:.0%} dropped" if lever == "drop" else f"W={v:g}")
         rows.append([LEVERS[lever][0], setting, f"{c['mean_experts_run']:.2f}", c["experts_kept"],
@@ -124,14 +128,12 @@ def study_rows(res: dict) -> tuple[list[list], dict]:
 
 def verdicts(res: dict, tolerance: float) -> list[str]:
     """One line per lever: the study's finding and what this run measured."""
-    a, cfg = res["args"], res["study"]["localmoe"]["configs"]
-    n, base = a["decode"], cfg[0]
-    b_ppl, b_tps = base["ppl"], tok_s(base["decode_s"], n)
-
-    b_cps = tok_s(base["decode_cpu_s"], n)
+    cfg = res["study"]["localmoe"]["configs"]
+    base = cfg[0]
+    b_ppl, b_tps, b_cps = base["ppl"], tok_s(base["step_s"]), tok_s(base["step_cpu_s"])
 
     def d(c):  # (PPL change, decode tokens/s change, decode tokens per CPU second change)
-        return c["ppl"] / b_ppl - 1, tok_s(c["decode_s"], n) / b_tps - 1, tok_s(c["decode_cpu_s"], n) / b_cps - 1
+        return c["ppl"] / b_ppl - 1, tok_s(c["step_s"]) / b_tps - 1, tok_s(c["step_cpu_s"]) / b_cps - 1
 
     def dec(c):
         return f"decode {d(c)[1]:+.0%} (per CPU second {d(c)[2]:+.0%})"

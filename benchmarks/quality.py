@@ -39,9 +39,10 @@ Prints:
        c) --min-expert-weight at --thresholds (default 0.1-0.4): per-token
           adaptive routing, with the mean number of experts actually run.
      b) and c) are localmoe only: llama.cpp has neither option. Each row: PPL,
-     greedy decode tokens/s (--decode steps after --prompt tokens, the fastest of
-     --repeats, every config's repetitions interleaved so that the machine's load
-     falls on all alike) and tokens per CPU second, each relative to the trained
+     greedy decode tokens/s (--decode steps after --prompt tokens, each step's
+     fastest of --repeats, summed; every config's repetitions interleaved so that
+     the machine's load falls on all alike) and tokens per CPU second (the same
+     from process CPU time), each relative to the trained
      k without levers; then one line per lever against the study's findings (c):
      the fastest threshold whose PPL rises by at most --ppl-tolerance, 1%).
      Writes --out-dir/study-MODEL.json and study-MODEL.png (decode speed vs PPL,
@@ -171,15 +172,16 @@ def worker(job: dict) -> dict:
 def decode_runs(step, prompt: list[int], n: int, repeats: int) -> dict:
     """Greedy prefill of prompt, then n single-token steps timed; an untimed 2-step run first."""
     def once(n_steps):
-        toks = [step(prompt, True)]
-        t = time.perf_counter()
+        toks, steps = [step(prompt, True)], []
         for _ in range(n_steps):
+            t = time.perf_counter()
             toks.append(step([toks[-1]], False))
-        return time.perf_counter() - t, toks
+            steps.append(time.perf_counter() - t)
+        return steps, toks
 
     once(2)
     runs = [once(n) for _ in range(repeats)]
-    return {"decode_s": [r[0] for r in runs], "tokens": runs[-1][1]}
+    return {"decode_s": [sum(r[0]) for r in runs], "step_s": [r[0] for r in runs], "tokens": runs[-1][1]}
 
 
 def run_worker(job: dict, work: Path) -> dict:
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=None, help="greedy decode steps per repetition (default 64, "
                                                              "with --study 32)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed decode repetitions; medians are shown (default 3; with --study 7, the fastest shown)")
+                    help="timed decode repetitions; medians are shown (default 3; with --study 7, each step's fastest)")
     ap.add_argument("--study", action="store_true", help="only e), the study's three levers on --model as it is")
     ap.add_argument("--drops", type=float_list, default=[0.25, 0.5, 0.75],
                     help="--study: fractions of each layer's experts dropped (default 0.25,0.5,0.75)")
@@ -553,7 +555,7 @@ def report_study(res: dict) -> None:
         return
     rows, points = study_rows(res)
     print(f"\ne) the study's levers: PPL and greedy decode tokens/s ({a['decode']} steps after {a['prompt']} prompt "
-          f"tokens, fastest of {a['repeats']}, the configs' repetitions interleaved); relative to the trained k "
+          f"tokens, each step's fastest of {a['repeats']} interleaved repetitions, summed); relative to the trained k "
           f"without levers. llama.cpp has no expert masks and no adaptive routing: b) and c) are localmoe only.")
     show(["lever", "setting", "experts run/token", "experts kept/layer", "PPL", "vs base", "decode tok/s",
           "vs base", "tok/CPU-s", "vs base", "llama.cpp PPL", "llama.cpp tok/s"], rows)
@@ -561,7 +563,7 @@ def report_study(res: dict) -> None:
     for line in verdicts(res, a["ppl_tolerance"]):
         print("  " + line)
     out, stem = Path(a["out_dir"]), Path(a["model"]).stem
-    img = scatter_plot([(LEVERS[lever][2], pts) for lever, pts in points.items() if len(pts) > 1])
+    img = scatter_plot([(LEVERS[lever][1], pts) for lever, pts in points.items() if len(pts) > 1])
     png = write_atomic(out / f"study-{stem}.png", encode_png(img))
     print(f"plot: {png} (x: decode tokens/s, y: PPL, both in % of the baseline; blue a) labelled k, red b) "
           f"labelled % dropped, green c) labelled 100 x W; red and green start at the baseline, labelled 0)")

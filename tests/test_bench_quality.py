@@ -140,25 +140,25 @@ def test_draw_number_glyphs():
 # --- e) the study (benchmarks/_study.py) ---------------------------------------------------------
 
 def study_result():
-    """A made-up --study result: baseline PPL 100 at 20 tok/s (32 steps in 1.6 s at best)."""
+    """A made-up --study result: baseline PPL 100 at 20 tok/s (two steps of 0.05 s at best)."""
     from benchmarks import _study
 
-    def cfg(lever, v, ppl, secs, run=2.0, kept=8):
+    def cfg(lever, v, ppl, secs, run=2.0, kept=8):  # each step's fastest repetition takes secs / 2
         return {"lever": lever, "value": v, "ppl": ppl, "mean_experts_run": run, "experts_kept": kept,
-                "decode_s": [secs, secs * 2, secs * 0.5], "decode_cpu_s": [secs * 2] * 3}
-    cfgs = [cfg("k", 2, 100.0, 3.2), cfg("k", 1, 110.0, 1.6, 1.0), cfg("drop", 0.5, 150.0, 3.0, kept=4),
-            cfg("min_weight", 0.1, 100.5, 2.8, 1.6), cfg("min_weight", 0.3, 103.0, 2.0, 1.2)]
+                "step_s": [[secs, secs / 2], [secs / 2, secs * 3]], "step_cpu_s": [[secs, secs]] * 2}
+    cfgs = [cfg("k", 2, 100.0, 0.1), cfg("k", 1, 110.0, 0.05, 1.0), cfg("drop", 0.5, 150.0, 0.25 / 2.7, kept=4),
+            cfg("min_weight", 0.1, 100.5, 0.25 / 2.85, 1.6), cfg("min_weight", 0.3, 103.0, 0.0625, 1.2)]
     assert [c[:2] for c in _study.configs(2, [0.5], [0.1, 0.3])] == [[c["lever"], c["value"]] for c in cfgs]
     ref = {"ppl": {k: {"ppl": p} for k, p in ((1, 111.0), (2, 100.1))},
-           "decode": {k: {"decode_s": [s]} for k, s in ((1, 0.8), (2, 1.6))}}
-    return {"args": {"decode": 32}, "study": {"localmoe": {"configs": dict(enumerate(cfgs))}, "llama.cpp": ref}}
+           "decode": {k: {"step_s": [[s, s]]} for k, s in ((1, 0.025), (2, 0.05))}}
+    return {"args": {"decode": 2}, "study": {"localmoe": {"configs": dict(enumerate(cfgs))}, "llama.cpp": ref}}
 
 
 def test_study_rows_relative_to_the_trained_k():
     from benchmarks import _study
     rows, points = _study.study_rows(study_result())
     assert rows[0] == ["a) active experts", "k=2 (trained)", "2.00", 8, "100.00", "+0.0%", "20.0", "+0.0%",
-                       "5.0", "+0.0%", "100.10", "20.0"]
+                       "10.0", "+0.0%", "100.10", "20.0"]
     assert rows[1][1:8] == ["k=1", "1.00", 8, "110.00", "+10.0%", "40.0", "+100.0%"]
     assert rows[2][1:4] == ["50% dropped", "2.00", 4] and rows[2][-2:] == ["n/a", "n/a"]  # no llama.cpp option
     assert points["k"] == [(100.0, 100.0, 2), (200.0, 110.0, 1)]
@@ -169,7 +169,7 @@ def test_study_verdicts_pick_the_fastest_threshold_within_the_tolerance():
     from benchmarks import _study
     lines = _study.verdicts(study_result(), 0.01)
     assert lines[0].endswith("Here k=1: decode +100% (per CPU second +100%), PPL +10.0%.")
-    assert "50% dropped: decode +7% (per CPU second +7%), PPL +50.0%" in lines[1]
+    assert "50% dropped: decode +8% (per CPU second +8%), PPL +50.0%" in lines[1]
     assert "best W=0.1, 1.60 experts run, decode +14%" in lines[2] and lines[2].endswith("-> meets the 10%.")
     assert "best W=0.3" in _study.verdicts(study_result(), 0.05)[2]
     assert "no threshold stays within it" in _study.verdicts(study_result(), 0.001)[2]
