@@ -29,7 +29,8 @@ def study_worker(job: dict) -> dict:
     """PPL, mean experts run and decode times for each of job["configs"] on one Model. The expert
     ranking for "drop" comes from routing job["profile_chunks"] chunks of the training split (never
     the scored text). Decode repetitions go round-robin over the configs, so that a change in the
-    machine's load falls on all of them alike."""
+    machine's load falls on all of them alike; process CPU times are kept in the JSON too (with
+    several threads they include the pool's waiting, so the table shows wall time)."""
     import localmoe
     from localmoe.perplexity import perplexity
 
@@ -102,12 +103,12 @@ def study_rows(res: dict) -> tuple[list[list], dict]:
     cfg = st["localmoe"]["configs"]
     ref = st.get("llama.cpp", {})
     base = cfg[0]
-    b_ppl, b_tps, b_cps = base["ppl"], tok_s(base["step_s"]), tok_s(base["step_cpu_s"])
+    b_ppl, b_tps = base["ppl"], tok_s(base["step_s"])
     rows, points = [], {lever: [] for lever in LEVERS}
     for i in sorted(cfg):
         c = cfg[i]
         lever, v = c["lever"], c["value"]
-        tps, cps = tok_s(c["step_s"]), tok_s(c["step_cpu_s"])
+        tps = tok_s(c["step_s"])
         r_ppl = r_tps = None
         if lever == "k" and "error" not in ref:
             r_ppl = ref["ppl"][v]["ppl"]
@@ -116,7 +117,6 @@ def study_rows(res: dict) -> tuple[list[list], dict]:
                    else f"{v:.0%} dropped" if lever == "drop" else f"W={v:g}")
         rows.append([LEVERS[lever][0], setting, f"{c['mean_experts_run']:.2f}", c["experts_kept"],
                      f"{c['ppl']:.2f}", f"{c['ppl'] / b_ppl - 1:+.1%}", f"{tps:.1f}", f"{tps / b_tps - 1:+.1%}",
-                     f"{cps:.1f}", f"{cps / b_cps - 1:+.1%}",
                      "n/a" if lever != "k" else None if r_ppl is None else f"{r_ppl:.2f}",
                      "n/a" if lever != "k" else None if r_tps is None else f"{r_tps:.1f}"])
         label = v if lever == "k" else round(100 * v)
@@ -130,13 +130,13 @@ def verdicts(res: dict, tolerance: float) -> list[str]:
     """One line per lever: the study's finding and what this run measured."""
     cfg = res["study"]["localmoe"]["configs"]
     base = cfg[0]
-    b_ppl, b_tps, b_cps = base["ppl"], tok_s(base["step_s"]), tok_s(base["step_cpu_s"])
+    b_ppl, b_tps = base["ppl"], tok_s(base["step_s"])
 
-    def d(c):  # (PPL change, decode tokens/s change, decode tokens per CPU second change)
-        return c["ppl"] / b_ppl - 1, tok_s(c["step_s"]) / b_tps - 1, tok_s(c["step_cpu_s"]) / b_cps - 1
+    def d(c):  # (PPL change, decode tokens/s change)
+        return c["ppl"] / b_ppl - 1, tok_s(c["step_s"]) / b_tps - 1
 
     def dec(c):
-        return f"decode {d(c)[1]:+.0%} (per CPU second {d(c)[2]:+.0%})"
+        return f"decode {d(c)[1]:+.1%}"
     by = {lever: [cfg[i] for i in sorted(cfg) if cfg[i]["lever"] == lever and i] for lever in LEVERS}
     lines = []
     if by["k"]:

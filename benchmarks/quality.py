@@ -29,7 +29,7 @@ Prints:
 
   e) --study: the levers of the fine-grained MoE study ("reducing active experts
      in fine-grained MoE"), on --model as it is (default: the shipped model), on
-     the first --chunks held-out chunks (default 10), one table:
+     the first --chunks held-out chunks (default 20), one table:
        a) active experts from the trained k down to 1 (Model.set_expert_used;
           llama.cpp beside it via kv_overrides);
        b) --drops of each layer's experts dropped (default 25/50/75%), the least
@@ -41,12 +41,11 @@ Prints:
      b) and c) are localmoe only: llama.cpp has neither option. Each row: PPL,
      greedy decode tokens/s (--decode steps after --prompt tokens, each step's
      fastest of --repeats, summed; every config's repetitions interleaved so that
-     the machine's load falls on all alike) and tokens per CPU second (the same
-     from process CPU time), each relative to the trained
+     the machine's load falls on all alike), each relative to the trained
      k without levers; then one line per lever against the study's findings (c):
      the fastest threshold whose PPL rises by at most --ppl-tolerance, 1%).
      Writes --out-dir/study-MODEL.json and study-MODEL.png (decode speed vs PPL,
-     % of the baseline). About 5 minutes on 2 idle cores for the shipped model:
+     % of the baseline). About 3 minutes on 2 idle cores for the shipped model:
 
          nice python -m benchmarks.quality --study
 
@@ -337,7 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=256, help="perplexity chunk length")
     ap.add_argument("--chunks", type=int, default=None,
                     help="chunks evaluated, from the start of the text (0: all, 555 at --ctx 256; "
-                         "default 300, with --study 10)")
+                         "default 300, with --study 20)")
     ap.add_argument("--threads", type=int, default=2, help="threads on both sides")
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="quantized files, JSON, PNG")
     ap.add_argument("--mixes", default="Q8_0,Q4_K_M,Q3_K_M", help="quantization mixes beside F16")
@@ -348,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=None, help="greedy decode steps per repetition (default 64, "
                                                              "with --study 32)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed decode repetitions; medians are shown (default 3; with --study 7, each step's fastest)")
+                    help="timed decode repetitions; medians are shown (default 3; with --study 15, each step's fastest)")
     ap.add_argument("--study", action="store_true", help="only e), the study's three levers on --model as it is")
     ap.add_argument("--drops", type=float_list, default=[0.25, 0.5, 0.75],
                     help="--study: fractions of each layer's experts dropped (default 0.25,0.5,0.75)")
@@ -368,8 +367,8 @@ def main(argv=None) -> int:
     if a.study:
         from localmoe.shipped import default_model_path
         a.model = a.model or default_model_path()
-        a.chunks = 10 if a.chunks is None else a.chunks
-        a.decode, a.repeats = (32 if a.decode is None else a.decode), (7 if a.repeats is None else a.repeats)
+        a.chunks = 20 if a.chunks is None else a.chunks
+        a.decode, a.repeats = (32 if a.decode is None else a.decode), (15 if a.repeats is None else a.repeats)
         if min(a.chunks + 1, a.prompt, a.decode, a.repeats, a.threads, a.profile_chunks) < 1 or \
                 not all(0 < x < 1 for x in a.drops + a.thresholds):
             ap.error("--chunks must be >= 0, --prompt/--decode/--repeats/--threads/--profile-chunks >= 1, "
@@ -558,7 +557,7 @@ def report_study(res: dict) -> None:
           f"tokens, each step's fastest of {a['repeats']} interleaved repetitions, summed); relative to the trained k "
           f"without levers. llama.cpp has no expert masks and no adaptive routing: b) and c) are localmoe only.")
     show(["lever", "setting", "experts run/token", "experts kept/layer", "PPL", "vs base", "decode tok/s",
-          "vs base", "tok/CPU-s", "vs base", "llama.cpp PPL", "llama.cpp tok/s"], rows)
+          "vs base", "llama.cpp PPL", "llama.cpp tok/s"], rows)
     print("\nagainst the study's findings:")
     for line in verdicts(res, a["ppl_tolerance"]):
         print("  " + line)
