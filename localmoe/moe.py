@@ -38,8 +38,6 @@ def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarr
 
     if n_tok == 1:  # decode: slots in order, no grouping
         sel, wts = (ids[0], weights[0]) if run is None else (ids[0][run[0]], weights[0][run[0]])
-        if sel.size == 0:
-            return np.zeros((1, x.shape[1]), np.float32)
         stacks = _resident_stacks(store, layer, has_gate)
         if stacks is not None:
             return _decode_resident(xa, *stacks, sel.astype(np.int64), wts)

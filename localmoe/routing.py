@@ -5,8 +5,9 @@ default; off, the routing and the logits are bit-identical to llama.cpp's.
 Expert masks (`Model.mask_experts`, `load(drop_experts=...)`): a layer's router may pick only its
 surviving experts. A dropped expert's router logit is -inf, so softmax gating renormalises over the
 survivors (the model as if the expert and its router row were removed) and sigmoid gating scores
-it 0; its selection score (with DeepSeek-V3's exp_probs_b bias) is -inf as well, and a slot that
-still lands on it (a DeepSeek group with fewer survivors than k) is not computed.
+it 0; its selection score (with DeepSeek-V3's exp_probs_b bias) is -inf as well. Group-limited
+routing (DeepSeek-V3) scores a group by its survivors and takes further groups when the
+n_group_used best hold fewer than k survivors, so all k picks are survivors (deepseek2._masked_groups).
 
 Adaptive skipping (`min_expert_weight` W): after the architecture's own routing and weight
 normalisation, picked experts whose weight is below W (times expert_weights_scale, so W compares
@@ -83,15 +84,11 @@ def least_used(counts, fraction, moe_layers: list[int]) -> dict[int, list[int]]:
     return {il: sorted(np.argsort(c[il], kind="stable")[n_drop:].tolist()) for il in moe_layers}
 
 
-def run_mask(ids: np.ndarray, wts: np.ndarray, keep: np.ndarray | None, min_weight: float,
-             scale: float) -> np.ndarray | None:
-    """bool[n_tok, k]: which picked (token, slot) pairs are computed; None = all (levers off)."""
-    run = None
-    if min_weight > 0.0:
-        limit = np.float32(min_weight * (scale if scale not in (0.0, 1.0) else 1.0))
-        run = wts >= limit
-        run[np.arange(wts.shape[0]), np.argmax(wts, axis=1)] = True  # the heaviest expert always runs
-    if keep is not None:
-        alive = keep[ids]
-        run = alive if run is None else run & alive
+def run_mask(wts: np.ndarray, min_weight: float, scale: float) -> np.ndarray | None:
+    """bool[n_tok, k]: which picked (token, slot) pairs are computed for weights f32[n_tok, k];
+    None = all (W = 0, off)."""
+    if not min_weight > 0.0:
+        return None
+    run = wts >= np.float32(min_weight * (scale if scale not in (0.0, 1.0) else 1.0))
+    run[np.arange(wts.shape[0]), np.argmax(wts, axis=1)] = True  # the heaviest expert always runs
     return run

@@ -120,6 +120,19 @@ def test_deepseek2_mask_and_threshold_with_bias_groups_and_scale():
     np.testing.assert_allclose(out[0], want, rtol=1e-5, err_msg="rtol 1e-5")
 
 
+def test_deepseek2_masked_groups_take_further_groups_until_k_survivors():
+    from dataclasses import replace
+    blk, _ = ds.routed_block(ds.BIAS)
+    blk.args = replace(blk.args, n_expert_used=3)
+    spy = Spy.of(blk)
+    blk.keep = np.array([True, False] * 4)   # one survivor per group: the 2 best groups hold only 2 of k = 3
+    blk.ffn(ds.X)
+    # token 0: survivors 0 .953, 2 .731, 4 .018, 6 .550 -> groups 0, 1, then 3 -> picks 0, 2, 6
+    # token 1: 0 .119, 2 .269, 4 .182 + bias .5, 6 .599 -> groups 2, 3, then 1 -> picks 4, 6, 2
+    assert spy.counts[0].tolist() == [1, 0, 2, 0, 1, 0, 2, 0]
+    assert spy.computed() == [0, 2, 4, 6]
+
+
 def test_least_used_drops_the_rarest_first():
     counts = np.array([[0, 0, 0, 0], [5, 1, 9, 1], [3, 3, 3, 3]])
     assert least_used(counts, 0.5, [1, 2]) == {1: [0, 2], 2: [2, 3]}    # ties: the lower id goes first

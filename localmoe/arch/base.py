@@ -417,7 +417,7 @@ class Block:
     def run_experts(self, x: np.ndarray, ids: np.ndarray, wts: np.ndarray) -> np.ndarray:
         """moe_ffn on the router's picks, less the pairs the study levers skip (localmoe.routing):
         every architecture's routed experts go through here."""
-        run = run_mask(ids, wts, self.keep, self.min_weight, self.args.expert_weights_scale)
+        run = run_mask(wts, self.min_weight, self.args.expert_weights_scale)
         self.n_routed += ids.shape[0]
         self.n_run += ids.size if run is None else int(run.sum())
         return moe_ffn(self.store, self.il, x, ids, wts, run)

@@ -183,12 +183,13 @@ def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs, keep: np.nd
         groups = sel.reshape(n_tok, a.n_group, -1)                          # f32[n_tok, n_group, per_group]
         best2 = -np.sort(-groups, axis=-1)[..., :2]                        # f32[n_tok, n_group, 2]
         score = best2.sum(axis=-1)                                           # f32[n_tok, n_group]
-        if keep is not None:  # a masked group scores its survivors (-inf when it has none)
-            score = np.where(np.isneginf(best2[..., 0]), -np.inf, np.where(np.isneginf(best2), 0, best2).sum(-1))
-        top = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
-        masked = np.full_like(groups, -np.inf)
         rows = np.arange(n_tok)[:, None]
-        masked[rows, top] = groups[rows, top]
+        if keep is None:
+            top = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
+            masked = np.full_like(groups, -np.inf)
+            masked[rows, top] = groups[rows, top]
+        else:
+            masked = np.where(_masked_groups(best2, keep, a, k)[..., None], groups, np.float32(-np.inf))
         sel = masked.reshape(n_tok, -1)
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
@@ -197,6 +198,19 @@ def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs, keep: np.nd
     if a.expert_weights_scale not in (0.0, 1.0):
         w = w * np.float32(a.expert_weights_scale)
     return ids, w.astype(np.float32)
+
+
+def _masked_groups(best2: np.ndarray, keep: np.ndarray, a: ModelArgs, k: int) -> np.ndarray:
+    """bool[n_tok, n_group]: the groups a masked router (localmoe.routing) picks from. A group
+    scores its best two surviving experts (-inf with none); after the n_group_used best, the next
+    best groups are added until they hold k survivors, so every one of the k picks is a survivor."""
+    score = np.where(np.isneginf(best2[..., 0]), -np.inf, np.where(np.isneginf(best2), 0, best2).sum(-1))
+    order = np.argsort(-score, axis=-1, kind="stable")                      # i64[n_tok, n_group]
+    held = np.cumsum(keep.reshape(a.n_group, -1).sum(axis=1)[order], axis=1)
+    n_take = np.maximum(a.n_group_used, (held < k).sum(axis=1) + 1)         # keep_arrays: k survivors exist
+    chosen = np.zeros(order.shape, bool)
+    np.put_along_axis(chosen, order, np.arange(order.shape[1]) < n_take[:, None], axis=1)
+    return chosen
 
 
 class Block(base.Block):
