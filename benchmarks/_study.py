@@ -97,7 +97,7 @@ def tok_s(step_s: list[list[float]]) -> float:
 
 
 def study_rows(res: dict) -> tuple[list[list], dict]:
-    """Table rows and the PNG's points {lever: [(speed %, PPL %, label)]}, each relative to the
+    """Table rows and the PNG's points {lever: [(speed %, PPL %, label or None)]}, each relative to the
     baseline (trained k, no lever, localmoe)."""
     st = res["study"]
     cfg = st["localmoe"]["configs"]
@@ -121,8 +121,8 @@ def study_rows(res: dict) -> tuple[list[list], dict]:
                      "n/a" if lever != "k" else None if r_tps is None else f"{r_tps:.1f}"])
         label = v if lever == "k" else round(100 * v)
         points[lever].append((100 * tps / b_tps, 100 * c["ppl"] / b_ppl, int(label)))
-    points["drop"].insert(0, (100.0, 100.0, 0))        # each lever starts from the baseline
-    points["min_weight"].insert(0, (100.0, 100.0, 0))
+    points["drop"].insert(0, (100.0, 100.0, None))     # each lever starts from the baseline (labelled k)
+    points["min_weight"].insert(0, (100.0, 100.0, None))
     return rows, points
 
 

@@ -101,8 +101,8 @@ def _segment(img: np.ndarray, p: tuple[int, int], q: tuple[int, int], rgb, width
 
 def scatter_plot(series: list[tuple[tuple[int, int, int], list[tuple[float, float, int]]]], width: int = 640,
                  height: int = 440, scale: int = 2) -> np.ndarray:
-    """u8[height, width, 3]: each series (colour, [(x, y, label >= 0)]) as square markers joined by lines,
-    each marker numbered by its label; GRID lines at round x and y values, numbered on the axes (the
+    """u8[height, width, 3]: each series (colour, [(x, y, label >= 0 or None)]) as square markers joined by
+    lines, each marker numbered by its label (None: unnumbered); GRID lines at round x and y values, numbered on the axes (the
     axes' meaning is the caller's to state, as the glyphs are digits only)."""
     pts = [(x, y) for _, ps in series for x, y, _ in ps]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -130,5 +130,6 @@ def scatter_plot(series: list[tuple[tuple[int, int, int], list[tuple[float, floa
             _segment(img, p, q, rgb)
         for (r, c), (_, _, label) in zip(cells, ps):
             img[max(r - 4, 0):r + 5, max(c - 4, 0):c + 5] = rgb
-            draw_number(img, label, max(r - 6 - 5 * scale, 0), c + 6, scale)
+            if label is not None:
+                draw_number(img, label, max(r - 6 - 5 * scale, 0), c + 6, scale)
     return img

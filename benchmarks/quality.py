@@ -565,7 +565,7 @@ def report_study(res: dict) -> None:
     img = scatter_plot([(LEVERS[lever][1], pts) for lever, pts in points.items() if len(pts) > 1])
     png = write_atomic(out / f"study-{stem}.png", encode_png(img))
     print(f"plot: {png} (x: decode tokens/s, y: PPL, both in % of the baseline; blue a) labelled k, red b) "
-          f"labelled % dropped, green c) labelled 100 x W; red and green start at the baseline, labelled 0)")
+          f"labelled % dropped, green c) labelled 100 x W; red and green start at the baseline, k={res['k_train']})")
     path = write_atomic(out / f"study-{stem}.json", (json.dumps(res, indent=1) + "\n").encode())
     print(f"results: {path}")
 

@@ -162,7 +162,7 @@ def test_study_rows_relative_to_the_trained_k():
     assert rows[1][1:8] == ["k=1", "1.00", 8, "110.00", "+10.0%", "40.0", "+100.0%"]
     assert rows[2][1:4] == ["50% dropped", "2.00", 4] and rows[2][-2:] == ["n/a", "n/a"]  # no llama.cpp option
     assert points["k"] == [(100.0, 100.0, 2), (200.0, 110.0, 1)]
-    assert points["drop"][0] == (100.0, 100.0, 0) and points["min_weight"][2][2] == 30
+    assert points["drop"][0] == (100.0, 100.0, None) and points["min_weight"][2][2] == 30
 
 
 def test_study_verdicts_pick_the_fastest_threshold_within_the_tolerance():
@@ -184,7 +184,7 @@ def test_nice_ticks_cover_the_range():
 
 def test_scatter_plot_marks_each_point_in_its_colour():
     red, blue = (200, 0, 0), (0, 0, 200)
-    img = png.scatter_plot([(red, [(100, 100, 0), (200, 300, 75)]), (blue, [(150, 200, 1)])], 320, 240)
+    img = png.scatter_plot([(red, [(100, 100, None), (200, 300, 75)]), (blue, [(150, 200, 1)])], 320, 240)
     assert img.shape == (240, 320, 3) and img.dtype == np.uint8
     is_red, is_blue = (img == red).all(axis=2), (img == blue).all(axis=2)
     assert is_red.sum() > 2 * 81 and is_blue.sum() == 81       # two markers and a line; one 9x9 marker
