@@ -45,7 +45,7 @@ Prints:
      k without levers; then one line per lever against the study's findings (c):
      the fastest threshold whose PPL rises by at most --ppl-tolerance, 1%).
      Writes --out-dir/study-MODEL.json and study-MODEL.png (decode speed vs PPL,
-     % of the baseline). About 3 minutes on 2 idle cores for the shipped model:
+     % of the baseline). One to two minutes on 2 cores for the shipped model:
 
          nice python -m benchmarks.quality --study
 

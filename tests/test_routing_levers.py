@@ -269,6 +269,19 @@ def test_cli_levers_and_their_errors(tmp_path):
     assert r.exit_code == 1 and "error: --drop-experts and --drop-profile go together" in r.output
     r = runner.invoke(main, ["run", path, "-p", "x", "--drop-experts", "0.9", "--drop-profile", str(stats)])
     assert r.exit_code == 1 and "error: expert mask: layer 0 keeps 1 expert(s)" in r.output
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"counts": [[1, 2]]}')
+    r = runner.invoke(main, ["run", path, "-p", "x", "--drop-experts", "0.5", "--drop-profile", str(bad)])
+    assert r.exit_code == 1 and "error: expert profile" in r.output and "6 x 8" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 200)
+    r = runner.invoke(main, ["perplexity", path, str(text), "--ctx", "64", "--chunks", "1", "--min-expert-weight", "0.4"])
+    assert r.exit_code == 0 and "experts run per token and layer:" in r.output, r.output
+    for cmd in (["perplexity", path, str(text)], ["serve", path, "--port", "0"], ["chat", path]):
+        r = runner.invoke(main, cmd + ["--drop-experts", "0.5"])
+        assert r.exit_code == 1 and "go together" in r.output, (cmd, r.output)
+        r = runner.invoke(main, cmd + ["--min-expert-weight", "-0.5"])
+        assert r.exit_code == 2 and "--min-expert-weight" in r.output, (cmd, r.output)
 
 
 # --- the shipped (trained) model -----------------------------------------------------------------
