@@ -80,3 +80,56 @@ def with_axis_numbers(grid: np.ndarray, n_rows: int, n_cols: int, cell: int, sca
     for c in range(n_cols):
         draw_number(img, c, scale, pad + 1 + c * (cell + 1) + mid, scale)
     return img
+
+
+def nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Round tick values (1, 2 or 5 x 10^k apart) covering lo..hi with about n ticks."""
+    raw = (hi - lo) / max(n - 1, 1) or 1.0
+    mag = 10 ** np.floor(np.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = np.floor(lo / step) * step
+    return [float(first + i * step) for i in range(int(np.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def _segment(img: np.ndarray, p: tuple[int, int], q: tuple[int, int], rgb, width: int = 2) -> None:
+    """A straight line from pixel p to q (row, col), `width` pixels thick."""
+    n = max(abs(q[0] - p[0]), abs(q[1] - p[1]), 1)
+    for t in np.linspace(0.0, 1.0, n + 1):
+        r, c = round(p[0] + t * (q[0] - p[0])), round(p[1] + t * (q[1] - p[1]))
+        img[max(r - width // 2, 0):r + (width + 1) // 2, max(c - width // 2, 0):c + (width + 1) // 2] = rgb
+
+
+def scatter_plot(series: list[tuple[tuple[int, int, int], list[tuple[float, float, int]]]], width: int = 640,
+                 height: int = 440, scale: int = 2) -> np.ndarray:
+    """u8[height, width, 3]: each series (colour, [(x, y, label >= 0 or None)]) as square markers joined by
+    lines, each marker numbered by its label (None: unnumbered); GRID lines at round x and y values, numbered on the axes (the
+    axes' meaning is the caller's to state, as the glyphs are digits only)."""
+    pts = [(x, y) for _, ps in series for x, y, _ in ps]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    left, bottom, top, right = 6 * 4 * scale, 5 * scale + 12, 12, 12 + 4 * 4 * scale
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = PAPER
+
+    def at(x, y):  # value -> (row, col)
+        c = left + (x - xt[0]) / (xt[-1] - xt[0] or 1) * (width - left - right)
+        r = height - bottom - (y - yt[0]) / (yt[-1] - yt[0] or 1) * (height - bottom - top)
+        return int(round(r)), int(round(c))
+
+    for x in xt:
+        r0, c = at(x, yt[0])
+        img[top:r0 + 1, c] = GRID
+        draw_number(img, int(round(x)), r0 + 6, max(c - 4 * scale, 0), scale)
+    for y in yt:
+        r, c0 = at(xt[0], y)
+        img[r, c0:width - right + 1] = GRID
+        draw_number(img, int(round(y)), max(r - 5 * scale // 2, 0), 2, scale)
+    for rgb, ps in series:
+        cells = [at(x, y) for x, y, _ in ps]
+        for p, q in zip(cells, cells[1:]):
+            _segment(img, p, q, rgb)
+        for (r, c), (_, _, label) in zip(cells, ps):
+            img[max(r - 4, 0):r + 5, max(c - 4, 0):c + 5] = rgb
+            if label is not None:
+                draw_number(img, label, max(r - 6 - 5 * scale, 0), c + 6, scale)
+    return img

@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality                     # models/train's full model, defaults
     python -m benchmarks.quality --model ~/.cache/localmoe/train/smoke/model-f16.gguf --ctx 128 --chunks 8
+    nice python -m benchmarks.quality --study        # e) only: the study's levers on the shipped model
 
 Text: the held-out plays of models.train.corpus, each encoded with the model's
 own tokenizer and followed by its end-of-text token (as in training).
@@ -25,6 +26,28 @@ Prints:
      ExpertStore (the memory planner's statistics); also a PNG heat map.
   d) The unigram baseline (models.train.train.unigram_loss: train-split unigram,
      add-one) on the same scored tokens.
+
+  e) --study: the levers of the fine-grained MoE study ("reducing active experts
+     in fine-grained MoE"), on --model as it is (default: the shipped model), on
+     the first --chunks held-out chunks (default 20), one table:
+       a) active experts from the trained k down to 1 (Model.set_expert_used;
+          llama.cpp beside it via kv_overrides);
+       b) --drops of each layer's experts dropped (default 25/50/75%), the least
+          used first, ranked by the ExpertStore's routing counts over
+          --profile-chunks chunks of the training split (never the scored text),
+          the router masked to the survivors (Model.drop_experts);
+       c) --min-expert-weight at --thresholds (default 0.1-0.4): per-token
+          adaptive routing, with the mean number of experts actually run.
+     b) and c) are localmoe only: llama.cpp has neither option. Each row: PPL,
+     greedy decode tokens/s (--decode steps after --prompt tokens, each step's
+     fastest of --repeats, summed; every config's repetitions interleaved so that
+     the machine's load falls on all alike), each relative to the trained
+     k without levers; then one line per lever against the study's findings (c):
+     the fastest threshold whose PPL rises by at most --ppl-tolerance, 1%).
+     Writes --out-dir/study-MODEL.json and study-MODEL.png (decode speed vs PPL,
+     % of the baseline). One to two minutes on 2 cores for the shipped model:
+
+         nice python -m benchmarks.quality --study
 
 Each engine runs each file in a child process of its own (this script with
 --worker), one after the other. All results go to --out-dir/quality-MODEL.json.
@@ -123,6 +146,9 @@ def llama_engine(path: str, threads: int, n_ctx: int):
 
 def worker(job: dict) -> dict:
     """PPL for each k in job["ppl_ks"], decode timing for each k in job["decode_ks"]."""
+    if job["side"] == "study":
+        from benchmarks._study import study_worker
+        return study_worker(job)
     tokens = np.load(job["tokens"]).tolist()
     prompt = tokens[:job["prompt"]]
     n_ctx = max(job["ctx"], len(prompt) + job["decode"] + 1)
@@ -145,15 +171,16 @@ def worker(job: dict) -> dict:
 def decode_runs(step, prompt: list[int], n: int, repeats: int) -> dict:
     """Greedy prefill of prompt, then n single-token steps timed; an untimed 2-step run first."""
     def once(n_steps):
-        toks = [step(prompt, True)]
-        t = time.perf_counter()
+        toks, steps = [step(prompt, True)], []
         for _ in range(n_steps):
+            t = time.perf_counter()
             toks.append(step([toks[-1]], False))
-        return time.perf_counter() - t, toks
+            steps.append(time.perf_counter() - t)
+        return steps, toks
 
     once(2)
     runs = [once(n) for _ in range(repeats)]
-    return {"decode_s": [r[0] for r in runs], "tokens": runs[-1][1]}
+    return {"decode_s": [sum(r[0]) for r in runs], "step_s": [r[0] for r in runs], "tokens": runs[-1][1]}
 
 
 def run_worker(job: dict, work: Path) -> dict:
@@ -166,7 +193,8 @@ def run_worker(job: dict, work: Path) -> dict:
     for line in p.stdout.splitlines():
         if line.startswith(MARK):
             res = json.loads(line[len(MARK):])
-            return {kind: {int(k): v for k, v in d.items()} for kind, d in res.items()}
+            return {kind: {int(k) if k.isdigit() else k: v for k, v in d.items()} if isinstance(d, dict) else d
+                    for kind, d in res.items()}
     tail = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
     return {"error": f"exit status {p.returncode}: {tail}"}
 
@@ -296,12 +324,19 @@ def int_list(spec: str) -> list[int]:
     return [int(k) for k in spec.split(",") if k.strip()]
 
 
+def float_list(spec: str) -> list[float]:
+    """'0.1,0.2' -> [0.1, 0.2]."""
+    return [float(x) for x in spec.split(",") if x.strip()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the F16 GGUF (default: %(default)s)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help=f"the F16 GGUF (default: {DEFAULT_MODEL}; with --study: the shipped model)")
     ap.add_argument("--ctx", type=int, default=256, help="perplexity chunk length")
-    ap.add_argument("--chunks", type=int, default=300,
-                    help="chunks evaluated, from the start of the text (0: all, 555 at --ctx 256)")
+    ap.add_argument("--chunks", type=int, default=None,
+                    help="chunks evaluated, from the start of the text (0: all, 555 at --ctx 256; "
+                         "default 300, with --study 20)")
     ap.add_argument("--threads", type=int, default=2, help="threads on both sides")
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="quantized files, JSON, PNG")
     ap.add_argument("--mixes", default="Q8_0,Q4_K_M,Q3_K_M", help="quantization mixes beside F16")
@@ -309,8 +344,19 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int_list, default=None,
                     help="comma list of n_expert_used values (default 1..n_expert)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before the timed decode")
-    ap.add_argument("--decode", type=int, default=64, help="greedy decode steps per repetition")
-    ap.add_argument("--repeats", type=int, default=3, help="timed decode repetitions; medians are shown")
+    ap.add_argument("--decode", type=int, default=None, help="greedy decode steps per repetition (default 64, "
+                                                             "with --study 32)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed decode repetitions; medians are shown (default 3; with --study 15, each step's fastest)")
+    ap.add_argument("--study", action="store_true", help="only e), the study's three levers on --model as it is")
+    ap.add_argument("--drops", type=float_list, default=[0.25, 0.5, 0.75],
+                    help="--study: fractions of each layer's experts dropped (default 0.25,0.5,0.75)")
+    ap.add_argument("--thresholds", type=float_list, default=[0.1, 0.2, 0.3, 0.4],
+                    help="--study: --min-expert-weight values (default 0.1,0.2,0.3,0.4)")
+    ap.add_argument("--profile-chunks", type=int, default=8,
+                    help="--study: chunks of the training split routed to rank the experts for dropping")
+    ap.add_argument("--ppl-tolerance", type=float, default=0.01,
+                    help="--study: PPL rise that counts as no degradation in c)'s verdict (default 0.01)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -318,6 +364,25 @@ def main(argv=None) -> int:
         return 0
 
     from localmoe.errors import LocalMoEError
+    if a.study:
+        from localmoe.shipped import default_model_path
+        a.model = a.model or default_model_path()
+        a.chunks = 20 if a.chunks is None else a.chunks
+        a.decode, a.repeats = (32 if a.decode is None else a.decode), (15 if a.repeats is None else a.repeats)
+        if min(a.chunks + 1, a.prompt, a.decode, a.repeats, a.threads, a.profile_chunks) < 1 or \
+                not all(0 < x < 1 for x in a.drops + a.thresholds):
+            ap.error("--chunks must be >= 0, --prompt/--decode/--repeats/--threads/--profile-chunks >= 1, "
+                     "--drops and --thresholds within (0, 1)")
+        try:
+            res = run_study(a)
+        except LocalMoEError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        report_study(res)
+        return 1 if any("error" in r for r in res["study"].values()) else 0
+    a.model = a.model or DEFAULT_MODEL
+    a.chunks = 300 if a.chunks is None else a.chunks
+    a.decode, a.repeats = (64 if a.decode is None else a.decode), (3 if a.repeats is None else a.repeats)
     mixes = [m for m in a.mixes.split(",") if m]
     if a.sweep_mix not in mixes:
         ap.error(f"--sweep-mix {a.sweep_mix} is not in --mixes {a.mixes}")
@@ -436,6 +501,72 @@ def report(res: dict) -> None:
     print(f"\nd) unigram baseline PPL {res['unigram_ppl']:.2f} (train-split unigram, add-one) vs F16 "
           + ", ".join(f"{s} {_num(ppl['F16'][s], 2)}" for s in SIDES))
     path = write_atomic(out / f"quality-{stem}.json", (json.dumps(res, indent=1) + "\n").encode())
+    print(f"results: {path}")
+
+
+def run_study(a) -> dict:
+    """e): the localmoe study worker over every lever, then llama.cpp's active-experts sweep."""
+    from benchmarks._study import configs
+    from localmoe.errors import LocalMoEError
+    from localmoe.perplexity import chunks
+    if not Path(a.model).is_file():
+        raise LocalMoEError(f"{a.model} does not exist")
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    info = file_info(a.model)
+    k_train = info["n_expert_used"]
+    heldout, train_ids = corpus_tokens(a.model)
+    n_chunks = len(chunks(heldout, a.ctx, a.chunks or None, None))
+    if train_ids.size < a.profile_chunks * a.ctx:
+        raise LocalMoEError(f"--profile-chunks {a.profile_chunks} x --ctx {a.ctx} exceeds the training split")
+    with tempfile.TemporaryDirectory(dir=a.out_dir) as work:
+        np.save(Path(work) / "tokens.npy", heldout)
+        np.save(Path(work) / "train.npy", train_ids)
+        job = {"path": str(a.model), "tokens": str(Path(work) / "tokens.npy"), "train": str(Path(work) / "train.npy"),
+               "ctx": a.ctx, "chunks": n_chunks, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
+               "repeats": a.repeats}
+        ks = list(range(1, k_train + 1))
+        study = {"localmoe": run_worker({**job, "side": "study", "profile_chunks": a.profile_chunks,
+                                         "configs": configs(k_train, a.drops, a.thresholds)}, Path(work)),
+                 "llama.cpp": run_worker({**job, "side": "llama.cpp", "ppl_ks": ks, "decode_ks": ks}, Path(work))}
+    return {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "worker"},
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "loadavg_start": load0, "loadavg_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
+            "n_heldout_tokens": int(heldout.size), "n_chunks": n_chunks, "k_train": k_train, "file": info,
+            "study": study}
+
+
+def report_study(res: dict) -> None:
+    """Print table e) and the verdicts against the study's findings; write the JSON and the PNG."""
+    from benchmarks._study import LEVERS, study_rows, verdicts
+    from benchmarks.png import scatter_plot
+    a, info = res["args"], res["file"]
+    n_scored = res["n_chunks"] * (a["ctx"] - a["ctx"] // 2 - 1)
+    print(f"{Path(a['model']).name} ({info['n_expert']} experts, {res['k_train']} active, {info['n_layer']} layers): "
+          f"{res['n_chunks']} held-out chunks of {a['ctx']} tokens ({n_scored} scored); experts ranked for dropping "
+          f"by routing {a['profile_chunks']} chunks of the training split; threads {a['threads']}; {res['date']}; "
+          f"{res['machine']}; load average {res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at "
+          f"end; took {res['seconds']:.0f} s")
+    for side, r in res["study"].items():
+        if "error" in r:
+            print(f"{side} FAILED: {r['error']}")
+    if "error" in res["study"]["localmoe"]:
+        return
+    rows, points = study_rows(res)
+    print(f"\ne) the study's levers: PPL and greedy decode tokens/s ({a['decode']} steps after {a['prompt']} prompt "
+          f"tokens, each step's fastest of {a['repeats']} interleaved repetitions, summed); relative to the trained k "
+          f"without levers. llama.cpp has no expert masks and no adaptive routing: b) and c) are localmoe only.")
+    show(["lever", "setting", "experts run/token", "experts kept/layer", "PPL", "vs base", "decode tok/s",
+          "vs base", "llama.cpp PPL", "llama.cpp tok/s"], rows)
+    print("\nagainst the study's findings:")
+    for line in verdicts(res, a["ppl_tolerance"]):
+        print("  " + line)
+    out, stem = Path(a["out_dir"]), Path(a["model"]).stem
+    img = scatter_plot([(LEVERS[lever][1], pts) for lever, pts in points.items() if len(pts) > 1])
+    png = write_atomic(out / f"study-{stem}.png", encode_png(img))
+    print(f"plot: {png} (x: decode tokens/s, y: PPL, both in % of the baseline; blue a) labelled k, red b) "
+          f"labelled % dropped, green c) labelled 100 x W; red and green start at the baseline, k={res['k_train']})")
+    path = write_atomic(out / f"study-{stem}.json", (json.dumps(res, indent=1) + "\n").encode())
     print(f"results: {path}")
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import sampling_options
+from .options import routing_kwargs, routing_options, sampling_options
 from .plan import check_output, offload_kwargs, offload_options, report_stats
 
 HELP = """Available commands:
@@ -36,8 +36,9 @@ HISTORY = Path("~/.localmoe/history")
 @sampling_options
 @click.option("--verbose", is_flag=True, help="Show speeds, expert hits and memory after each reply.")
 @offload_options
+@routing_options
 def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
-             n_expert_used, verbose, show_stats, stats_out, **offload):
+             n_expert_used, verbose, show_stats, stats_out, min_expert_weight, drop_experts, drop_profile, **offload):
     """Chat with MODEL (a GGUF file; default: the shipped Shakespeare model) in the terminal.
 
     Type /? in the chat for its commands; /bye or Ctrl-D exits."""
@@ -46,7 +47,8 @@ def chat_cmd(model, system, n_ctx, n_predict, temp, top_k, top_p, min_p, repeat_
     model = model or str(default_model_path())
     if stats_out:
         check_output(stats_out)  # before the chat, not after it
-    model_ = _load(model, threads, n_ctx, n_expert_used, offload_kwargs(**offload))
+    routing = routing_kwargs(min_expert_weight, drop_experts, drop_profile)
+    model_ = _load(model, threads, n_ctx, n_expert_used, {**offload_kwargs(**offload), **routing})
     try:
         session = ChatSession(model_, system=system, max_tokens=n_predict, temperature=temp, top_k=top_k,
                               top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)

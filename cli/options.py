@@ -35,3 +35,37 @@ def sampling_options(f):
         click.option("--experts-per-token", "n_expert_used", default=None, type=click.IntRange(min=1),
                      help="Override the number of active experts (ARCH.expert_used_count)."),
     ])
+
+
+def routing_options(f):
+    """The study levers (localmoe.routing): off by default, since they change the logits."""
+    return stack_options(f, [
+        click.option("--min-expert-weight", default=None, type=click.FloatRange(0, 1, max_open=True),
+                     metavar="W", help="Skip a token's picked experts whose normalised routing weight is below "
+                                       "W (the heaviest always runs; the others keep their weights). Off by default."),
+        click.option("--drop-experts", default=None, type=click.FloatRange(0, 1, max_open=True), metavar="FRACTION",
+                     help="Mask away this fraction of each layer's experts, least used first by --drop-profile; "
+                          "the router never picks them."),
+        click.option("--drop-profile", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="Expert statistics (a --stats-out file) that rank the experts for --drop-experts."),
+    ])
+
+
+def routing_kwargs(min_expert_weight, drop_experts, drop_profile) -> dict:
+    """load() keyword arguments for routing_options."""
+    from localmoe.errors import LocalMoEError
+    if (drop_experts is None) != (drop_profile is None):
+        raise LocalMoEError("--drop-experts and --drop-profile go together (rank the experts by a --stats-out "
+                            "file of a run on representative text)")
+    return {k: v for k, v in (("min_expert_weight", min_expert_weight), ("drop_experts", drop_experts),
+                              ("drop_profile", drop_profile)) if v is not None}
+
+
+def routing_note(model) -> str | None:
+    """'experts run per token: ...' when a lever is on, else None."""
+    s = model.routing_stats()
+    if not (s["min_expert_weight"] or s["kept_experts"]) or s["mean_experts_run"] is None:
+        return None
+    kept = f"; experts kept per layer: {min(s['kept_experts'].values())} of {model.args.n_expert}" \
+        if s["kept_experts"] else ""
+    return f"experts run per token and layer: {s['mean_experts_run']:.2f} of {s['n_expert_used']} picked{kept}"

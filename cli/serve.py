@@ -8,7 +8,7 @@ import sys
 import click
 import uvicorn
 
-from .options import sampling_options
+from .options import routing_kwargs, routing_options, sampling_options
 from .plan import offload_kwargs, offload_options, report_stats
 
 
@@ -36,9 +36,10 @@ from .plan import offload_kwargs, offload_options, report_stats
               help="Context length in tokens (default: min(training context, 4096)).")
 @sampling_options
 @offload_options
+@routing_options
 def serve_cmd(model, host, port, api_key, models_dir, max_queue, n_parallel, max_body, cors_origins, reasoning_format,
               n_ctx, temp, top_k, top_p, min_p, repeat_penalty, seed, threads, n_expert_used, show_stats,
-              stats_out, **offload):
+              stats_out, min_expert_weight, drop_experts, drop_profile, **offload):
     """Serve MODEL (default: the shipped Shakespeare model) over HTTP: the OpenAI API under /v1,
     the Ollama API under /api, and a chat page at /. Ctrl-C stops it."""
     from localmoe.errors import LocalMoEError
@@ -53,12 +54,14 @@ def serve_cmd(model, host, port, api_key, models_dir, max_queue, n_parallel, max
         Sampler(**sampling)
     except SamplingError as e:
         raise LocalMoEError(str(e)) from None
+    routing = routing_kwargs(min_expert_weight, drop_experts, drop_profile)
     limit = parse_size(max_body)
     if not api_key and not _loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this "
                    "address can use the model", err=True)
     sock = _listen(host, port)
-    load_opts = dict(n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used, **offload_kwargs(**offload))
+    load_opts = dict(n_threads=threads, n_ctx=n_ctx, n_expert_used=n_expert_used, **offload_kwargs(**offload),
+                     **routing)
     engine = Engine(model or default_model_path(), models_dir, load_opts, max_queue,
                     reasoning=reasoning_format == "deepseek", n_parallel=n_parallel)
     engine.on_exit = lambda m: report_stats(m, show_stats, stats_out)

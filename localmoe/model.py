@@ -15,6 +15,7 @@ from localmoe.experts import ExpertStore
 from localmoe.kv_cache import KVCache
 from localmoe.layers import RunBuffers, rms_norm
 from localmoe.model_lock import ModelLock, hold_while_iterating
+from localmoe.routing import check_min_weight, keep_arrays, least_used
 from localmoe.weights import ROW_SEQ, load_tensors
 
 DEFAULT_MAX_CTX = 4096
@@ -287,11 +288,74 @@ class Model:
         if not 1 <= k <= self.args.n_expert:
             raise UnsupportedError(f"n_expert_used={k}: this model has {self.args.n_expert} experts "
                                    f"(use 1..{self.args.n_expert})")
+        fewest = min(((int(b.keep.sum()), b.il) for b in self.blocks if b.keep is not None), default=None)
+        if fewest is not None and fewest[0] < k:
+            raise LocalMoEError(f"n_expert_used={k}: the expert mask keeps {fewest[0]} expert(s) in layer "
+                                f"{fewest[1]}; lift it first (mask_experts(None))")
         with self._lock.held():
             self.args = replace(self.args, n_expert_used=int(k))
             for blk in self.blocks:
                 blk.args = self.args
             self.reset()
+
+    # --- the study levers (localmoe.routing) ---------------------------------------------
+
+    def _moe_layers(self) -> list[int]:
+        return [b.il for b in self.blocks if self.args.n_expert and self.args.is_moe_layer(b.il)]
+
+    def _levers_here(self) -> None:
+        if self.gpu is not None:
+            raise UnsupportedError("expert masks and min_expert_weight run on the CPU only (not with --device cuda)")
+
+    def set_min_expert_weight(self, w: float | None) -> None:
+        """Skip picked experts whose normalised routing weight is below w, per token (None or 0:
+        off, the default; see localmoe.routing). Resets the cache, computed with the old routing."""
+        w = check_min_weight(w)
+        if w:
+            self._levers_here()
+        with self._lock.held():
+            for blk in self.blocks:
+                blk.min_weight = w
+            self.reset()
+
+    def mask_experts(self, keep: dict[int, Sequence[int]] | None) -> None:
+        """Restrict the router of each named layer to the experts `keep[layer]` (ids); unnamed layers
+        keep all, None lifts every mask. Dropped experts are never picked (see localmoe.routing).
+        Replaces the previous mask; resets the cache."""
+        masks = {} if keep is None else keep_arrays(keep, self.args.n_layer, self.args.n_expert,
+                                                    self._moe_layers(), self.args.n_expert_used)
+        if masks:
+            self._levers_here()
+        with self._lock.held():
+            for blk in self.blocks:
+                blk.keep = masks.get(blk.il)
+            self.reset()
+
+    def drop_experts(self, fraction: float, counts) -> dict[int, list[int]]:
+        """Mask away `fraction` of each expert layer's experts, the least routed first by counts
+        i[n_layer, n_expert] (ExpertStore.counts, or a --stats-out profile's); returns the kept ids."""
+        c = np.asarray(counts)
+        shape = (self.args.n_layer, self.args.n_expert)
+        if c.shape != shape or c.dtype.kind not in "iu" or (c < 0).any():
+            raise LocalMoEError(f"expert counts must be {shape[0]} x {shape[1]} non-negative integers, "
+                                f"got {c.dtype} {c.shape}")
+        keep = least_used(c, fraction, self._moe_layers())
+        self.mask_experts(keep)
+        return keep
+
+    def routing_stats(self) -> dict:
+        """Since the last reset_routing_stats: (token, expert layer) pairs routed, and the mean number of
+        experts computed per token and expert layer (n_expert_used unless a lever skips some)."""
+        blocks = [b for b in self.blocks if b.n_routed]
+        routed = sum(b.n_routed for b in blocks)
+        return {"token_layers_routed": routed, "n_expert_used": self.args.n_expert_used,
+                "mean_experts_run": sum(b.n_run for b in blocks) / routed if routed else None,
+                "min_expert_weight": self.blocks[0].min_weight if self.blocks else 0.0,
+                "kept_experts": {b.il: int(b.keep.sum()) for b in self.blocks if b.keep is not None}}
+
+    def reset_routing_stats(self) -> None:
+        for blk in self.blocks:
+            blk.n_routed = blk.n_run = 0
 
     def generate_tokens(self, prompt_tokens: Sequence[int], max_tokens: int = 128,
                         **sampling) -> Iterator[int]:
@@ -377,14 +441,24 @@ class Model:
 
 
 def load(path, n_threads: int | None = None, n_ctx: int | None = None,
-         n_expert_used: int | None = None, **planner_opts) -> Model:
+         n_expert_used: int | None = None, min_expert_weight: float | None = None,
+         mask_experts: dict | None = None, drop_experts: float | None = None, drop_profile=None,
+         **planner_opts) -> Model:
     """Open a GGUF MoE model. n_expert_used overrides {arch}.expert_used_count like
     llama.cpp's --override-kv; n_threads sets numba's thread count. planner_opts:
     ram_budget, policy, expert_profile, prefetch, n_seq (see Model; localmoe.planner), gpu_budget,
-    device (localmoe.gpu)."""
+    device (localmoe.gpu). The study levers (localmoe.routing; off by default, they change the logits):
+    min_expert_weight (Model.set_min_expert_weight), mask_experts {layer: kept ids}
+    (Model.mask_experts), or drop_experts (a fraction) with drop_profile (a --stats-out file or
+    its counts array) for Model.drop_experts."""
     from localmoe.gguf_file import open_gguf
     if not isinstance(path, (str, os.PathLike)):
         raise LocalMoEError(f"load() needs the path of a GGUF file, got {type(path).__name__}")
+    min_expert_weight = check_min_weight(min_expert_weight)
+    if (drop_experts is None) != (drop_profile is None):
+        raise LocalMoEError("drop_experts (a fraction) and drop_profile (expert counts) go together")
+    if drop_experts is not None and mask_experts is not None:
+        raise LocalMoEError("give mask_experts or drop_experts, not both")
     unknown = set(planner_opts) - {"ram_budget", "policy", "expert_profile", "prefetch", "gpu_budget", "device",
                                    "n_seq"}
     if unknown:
@@ -397,4 +471,18 @@ def load(path, n_threads: int | None = None, n_ctx: int | None = None,
         if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
             raise LocalMoEError(f"n_threads must be in 1..{numba.config.NUMBA_NUM_THREADS}, got {n_threads}")
         numba.set_num_threads(int(n_threads))
-    return Model(open_gguf(path), n_ctx=n_ctx, n_expert_used=n_expert_used, **planner_opts)
+    m = Model(open_gguf(path), n_ctx=n_ctx, n_expert_used=n_expert_used, **planner_opts)
+    try:
+        if min_expert_weight:
+            m.set_min_expert_weight(min_expert_weight)
+        if mask_experts is not None:
+            m.mask_experts(mask_experts)
+        if drop_experts is not None:
+            if isinstance(drop_profile, (str, os.PathLike)):
+                from localmoe.planner import load_profile
+                drop_profile = load_profile(drop_profile, m.args.n_layer, m.args.n_expert)
+            m.drop_experts(drop_experts, drop_profile)
+    except BaseException:
+        m.close()
+        raise
+    return m

@@ -19,11 +19,13 @@ def swiglu_ffn(x, gate, up, down) -> np.ndarray:
     return down(Activation(silu(u) if gate is None else silu(gate(x)) * u, seq=x.seq))
 
 
-def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            run: np.ndarray | None = None) -> np.ndarray:
     """Sum over slots of weights[t, s] * expert_{ids[t, s]}(x[t]).
 
     x f32[n_tok, n_embd]; ids i32[n_tok, k]; weights f32[n_tok, k] -> f32[n_tok, n_embd].
-    x is converted for the expert kernels once, not once per expert.
+    run bool[n_tok, k]: only these pairs are computed (localmoe.routing's levers; None: all), a
+    skipped slot adds nothing. x is converted for the expert kernels once, not once per expert.
     """
     store.note_selected(layer, ids)
     n_tok, k = ids.shape
@@ -34,7 +36,10 @@ def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarr
         gate = store.expert(layer, "ffn_gate_exps", e) if has_gate else None
         return swiglu_ffn(xe, gate, store.expert(layer, "ffn_up_exps", e), store.expert(layer, "ffn_down_exps", e))
 
-    stacks = _resident_stacks(store, layer, has_gate) if n_tok == 1 or _few_per_expert(ids) else None
+    if n_tok == 1 and run is not None:  # decode: only the slots that run, in order
+        ids, weights, k = ids[:, run[0]], weights[:, run[0]], int(run[0].sum())
+    stacks = (_resident_stacks(store, layer, has_gate)
+              if n_tok == 1 or (run is None and _few_per_expert(ids)) else None)
     if stacks is not None and (n_tok == 1 or stacks[1].qtype not in FLOAT_TYPES):
         return _pairs_resident(xa, *stacks, ids.astype(np.int64), weights)
     if n_tok == 1:  # decode: slots in order, no grouping
@@ -42,9 +47,13 @@ def moe_ffn(store, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarr
         for s in range(1, k):
             out += expert_y(ids[0, s], xa) * weights[0, s]
         return out
-    ys = np.empty((n_tok, k, x.shape[1]), np.float32)  # f32[n_tok, k, n_embd]: per-slot outputs
-    for e in np.unique(ids):
-        tok, slot = np.nonzero(ids == e)
+    picked = ids if run is None else np.where(run, ids, -1)
+    # f32[n_tok, k, n_embd]: per-slot outputs (a skipped slot's are 0, and x + 0 is x)
+    ys = (np.empty if run is None else np.zeros)((n_tok, k, x.shape[1]), np.float32)
+    for e in np.unique(picked):
+        if e < 0:
+            continue
+        tok, slot = np.nonzero(picked == e)
         ys[tok, slot] = expert_y(e, xa.take_rows(tok)) * weights[tok, slot, None]
     out = ys[:, 0].copy()
     for s in range(1, k):

@@ -131,10 +131,10 @@ def router_margins(n_tok: int):
             np.minimum(margins, _rel_gap(logits, k), out=margins)
         return ids, w
 
-    def spy_d2(logits, bias, a):
+    def spy_d2(logits, bias, a, *rest):
         if logits.shape[0] == n_tok and (bias is not None or a.n_group > 1):  # else route() calls route_topk
             np.minimum(margins, _deepseek2_gap(logits, bias, a), out=margins)
-        return orig_d2(logits, bias, a)
+        return orig_d2(logits, bias, a, *rest)
 
     base.route_topk, deepseek2.route = spy, spy_d2
     try:

@@ -135,3 +135,59 @@ def test_draw_number_glyphs():
     ink = (img == png.INK).all(axis=2).astype(int)
     assert ink[:, :3].tolist() == [[0, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [1, 1, 1]]   # "1"
     assert ink[:, 4:7].tolist() == [[1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 0, 1], [1, 1, 1]]  # "0"
+
+
+# --- e) the study (benchmarks/_study.py) ---------------------------------------------------------
+
+def study_result():
+    """A made-up --study result: baseline PPL 100 at 20 tok/s (two steps of 0.05 s at best)."""
+    from benchmarks import _study
+
+    def cfg(lever, v, ppl, secs, run=2.0, kept=8):  # each step's fastest repetition takes secs / 2
+        return {"lever": lever, "value": v, "ppl": ppl, "mean_experts_run": run, "experts_kept": kept,
+                "step_s": [[secs, secs / 2], [secs / 2, secs * 3]], "step_cpu_s": [[secs, secs]] * 2}
+    cfgs = [cfg("k", 2, 100.0, 0.1), cfg("k", 1, 110.0, 0.05, 1.0), cfg("drop", 0.5, 150.0, 0.25 / 2.7, kept=4),
+            cfg("min_weight", 0.1, 100.5, 0.25 / 2.85, 1.6), cfg("min_weight", 0.3, 103.0, 0.0625, 1.2)]
+    assert [c[:2] for c in _study.configs(2, [0.5], [0.1, 0.3])] == [[c["lever"], c["value"]] for c in cfgs]
+    ref = {"ppl": {k: {"ppl": p} for k, p in ((1, 111.0), (2, 100.1))},
+           "decode": {k: {"step_s": [[s, s]]} for k, s in ((1, 0.025), (2, 0.05))}}
+    return {"args": {"decode": 2}, "study": {"localmoe": {"configs": dict(enumerate(cfgs))}, "llama.cpp": ref}}
+
+
+def test_study_rows_relative_to_the_trained_k():
+    from benchmarks import _study
+    rows, points = _study.study_rows(study_result())
+    assert rows[0] == ["a) active experts", "k=2 (trained)", "2.00", 8, "100.00", "+0.0%", "20.0", "+0.0%",
+                       "100.10", "20.0"]
+    assert rows[1][1:8] == ["k=1", "1.00", 8, "110.00", "+10.0%", "40.0", "+100.0%"]
+    assert rows[2][1:4] == ["50% dropped", "2.00", 4] and rows[2][-2:] == ["n/a", "n/a"]  # no llama.cpp option
+    assert points["k"] == [(100.0, 100.0, 2), (200.0, 110.0, 1)]
+    assert points["drop"][0] == (100.0, 100.0, None) and points["min_weight"][2][2] == 30
+
+
+def test_study_verdicts_pick_the_fastest_threshold_within_the_tolerance():
+    from benchmarks import _study
+    lines = _study.verdicts(study_result(), 0.01)
+    assert lines[0].endswith("Here k=1: decode +100.0%, PPL +10.0%.")
+    assert "50% dropped: decode +8.0%, PPL +50.0%" in lines[1]
+    assert "best W=0.1, 1.60 experts run, decode +14.0%" in lines[2] and lines[2].endswith("-> meets the 10%.")
+    assert "best W=0.3" in _study.verdicts(study_result(), 0.05)[2]
+    assert "no threshold stays within it" in _study.verdicts(study_result(), 0.001)[2]
+
+
+def test_nice_ticks_cover_the_range():
+    assert png.nice_ticks(100, 160) == [100.0, 120.0, 140.0, 160.0]
+    assert png.nice_ticks(97, 655) == [0.0, 200.0, 400.0, 600.0, 800.0]
+    t = png.nice_ticks(0.3, 0.37)
+    assert t[0] <= 0.3 and t[-1] >= 0.37 and len(t) <= 9
+
+
+def test_scatter_plot_marks_each_point_in_its_colour():
+    red, blue = (200, 0, 0), (0, 0, 200)
+    img = png.scatter_plot([(red, [(100, 100, None), (200, 300, 75)]), (blue, [(150, 200, 1)])], 320, 240)
+    assert img.shape == (240, 320, 3) and img.dtype == np.uint8
+    is_red, is_blue = (img == red).all(axis=2), (img == blue).all(axis=2)
+    assert is_red.sum() > 2 * 81 and is_blue.sum() == 81       # two markers and a line; one 9x9 marker
+    r, c = np.argwhere(is_blue).mean(axis=0)
+    assert 0.3 * 240 < r < 0.7 * 240 and 0.3 * 320 < c < 0.7 * 320   # the middle point lies mid-canvas
+    decode_png(png.encode_png(img))

@@ -17,6 +17,7 @@ from localmoe.errors import GGUFFormatError, LocalMoEError, UnsupportedError
 from localmoe.layers import (Rope, RunBuffers, apply_rope, attention, matmul_f32_sgemm, matvec_f32_vec_dot, rms_norm,
                              sigmoid, softmax)
 from localmoe.moe import moe_ffn
+from localmoe.routing import run_mask
 from localmoe.weights import Activation, by_sequence, row_seq
 
 INT_MAX = (1 << 31) - 1   # llama.cpp holds hyperparameters in 32-bit integers
@@ -336,14 +337,15 @@ def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     return out
 
 
-def route_topk(logits: np.ndarray, k: int, gating: str, norm: bool, scale: float):
+def route_topk(logits: np.ndarray, k: int, gating: str, norm: bool, scale: float, keep: np.ndarray | None = None):
     """llama.cpp's build_moe_ffn routing. logits f32[n_tok, n_expert] -> (ids i32[n_tok, k], w f32[n_tok, k]).
 
     gating "softmax": probabilities over all experts; "sigmoid": independent scores.
     norm: renormalise the k picked weights to sum 1; scale: multiply them (0/1 = off).
+    keep: bool[n_expert], the experts that may be picked (localmoe.routing); None: all.
     """
     probs = softmax(logits) if gating == "softmax" else sigmoid(logits)
-    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    ids = np.argsort(-masked(probs, keep), axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
     if norm:
         # ggml_sum_rows adds in float64 (ggml_vec_sum_f32), then rounds once
@@ -354,15 +356,23 @@ def route_topk(logits: np.ndarray, k: int, gating: str, norm: bool, scale: float
     return ids, w.astype(np.float32)
 
 
+def masked(scores: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """scores f32[n_tok, n_expert] with the experts outside `keep` at -inf (a new array; scores when keep is None)."""
+    return scores if keep is None else np.where(keep, scores, np.float32(-np.inf))
+
+
 class Block:
     """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)). `w` holds the
     block's tensors under their GGUF names (attn_q, ffn_gate_inp, ...)."""
 
     required = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")
     buf: RunBuffers | None = None  # the Model's scratch (Model sets it); None: new arrays per call
+    keep: np.ndarray | None = None  # bool[n_expert]: experts the router may pick (Model.mask_experts); None: all
+    min_weight = 0.0                # skip picked experts lighter than this (Model.set_min_expert_weight)
 
     def __init__(self, args: ModelArgs, w, il: int, store):
         self.args, self.w, self.il, self.store = args, w, il, store
+        self.n_routed = self.n_run = 0  # tokens routed, (token, expert) pairs computed
         missing = [n for n in self.required if not hasattr(w, n)]
         if missing:
             raise GGUFFormatError(f"{args.arch} block {il} lacks tensor(s) {', '.join(missing)}")
@@ -412,5 +422,20 @@ class Block:
         """The routed-expert sum for x f32[n_tok, n_embd], routing per `route_topk`."""
         a = self.args
         logits = router_logits(self.w.ffn_gate_inp, x, None if self.buf is None else self.buf.router[:x.shape[0]])
-        ids, wts = route_topk(logits, a.n_expert_used, gating, norm, a.expert_weights_scale)
-        return moe_ffn(self.store, self.il, x, ids, wts)
+        ids, wts = route_topk(self.mask_logits(logits), a.n_expert_used, gating, norm, a.expert_weights_scale,
+                              self.keep)
+        return self.run_experts(x, ids, wts)
+
+    def mask_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Router logits f32[n_tok, n_expert] with the dropped experts at -inf (in place)."""
+        if self.keep is not None:
+            logits[:, ~self.keep] = -np.inf
+        return logits
+
+    def run_experts(self, x: np.ndarray, ids: np.ndarray, wts: np.ndarray) -> np.ndarray:
+        """moe_ffn on the router's picks, less the pairs the study levers skip (localmoe.routing):
+        every architecture's routed experts go through here."""
+        run = run_mask(wts, self.min_weight, self.args.expert_weights_scale)
+        self.n_routed += ids.shape[0]
+        self.n_run += ids.size if run is None else int(run.sum())
+        return moe_ffn(self.store, self.il, x, ids, wts, run)

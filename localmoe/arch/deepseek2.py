@@ -22,7 +22,7 @@ from numba import njit
 
 from localmoe.errors import GGUFFormatError, UnsupportedError
 from localmoe.layers import apply_rope, attention, rms_norm, sigmoid, softmax
-from localmoe.moe import moe_ffn, swiglu_ffn
+from localmoe.moe import swiglu_ffn
 
 from . import base
 from .deepseek import check_shared_experts
@@ -165,27 +165,31 @@ def _kq_scale(attn_factor, freq_scale, log_mul, hd):  # all f32 -> f32, llama.cp
     return np.float32(1) * mscale * mscale / math.sqrt(hd)
 
 
-def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs):
+def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs, keep: np.ndarray | None = None):
     """llama.cpp's build_moe_ffn selection for deepseek2. logits f32[n_tok, n_expert]
     -> (ids i32[n_tok, k], weights f32[n_tok, k]).
 
     The selection bias (exp_probs_b) and the group mask only decide which experts
     run; their weights are the unbiased gate probabilities. A group scores the sum
-    of its two best biased probabilities.
+    of its two best biased probabilities. keep: as in base.route_topk.
     """
     k = a.n_expert_used
     if bias is None and a.n_group <= 1:
-        return base.route_topk(logits, k, a.gating, a.expert_weights_norm, a.expert_weights_scale)
+        return base.route_topk(logits, k, a.gating, a.expert_weights_norm, a.expert_weights_scale, keep)
     probs = softmax(logits) if a.gating == "softmax" else sigmoid(logits)
-    sel = probs if bias is None else probs + bias
+    sel = base.masked(probs if bias is None else probs + bias, keep)
     if a.n_group > 1:
         n_tok = sel.shape[0]
         groups = sel.reshape(n_tok, a.n_group, -1)                          # f32[n_tok, n_group, per_group]
-        score = -np.sort(-groups, axis=-1)[..., :2].sum(axis=-1)             # f32[n_tok, n_group]
-        keep = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
-        masked = np.full_like(groups, -np.inf)
+        best2 = -np.sort(-groups, axis=-1)[..., :2]                        # f32[n_tok, n_group, 2]
+        score = best2.sum(axis=-1)                                           # f32[n_tok, n_group]
         rows = np.arange(n_tok)[:, None]
-        masked[rows, keep] = groups[rows, keep]
+        if keep is None:
+            top = np.argsort(-score, axis=-1, kind="stable")[:, :a.n_group_used]
+            masked = np.full_like(groups, -np.inf)
+            masked[rows, top] = groups[rows, top]
+        else:
+            masked = np.where(_masked_groups(best2, keep, a, k)[..., None], groups, np.float32(-np.inf))
         sel = masked.reshape(n_tok, -1)
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, :k].astype(np.int32)
     w = np.take_along_axis(probs, ids, axis=-1)
@@ -194,6 +198,19 @@ def route(logits: np.ndarray, bias: np.ndarray | None, a: ModelArgs):
     if a.expert_weights_scale not in (0.0, 1.0):
         w = w * np.float32(a.expert_weights_scale)
     return ids, w.astype(np.float32)
+
+
+def _masked_groups(best2: np.ndarray, keep: np.ndarray, a: ModelArgs, k: int) -> np.ndarray:
+    """bool[n_tok, n_group]: the groups a masked router (localmoe.routing) picks from. A group
+    scores its best two surviving experts (-inf with none); after the n_group_used best, the next
+    best groups are added until they hold k survivors, so every one of the k picks is a survivor."""
+    score = np.where(np.isneginf(best2[..., 0]), -np.inf, np.where(np.isneginf(best2), 0, best2).sum(-1))
+    order = np.argsort(-score, axis=-1, kind="stable")                      # i64[n_tok, n_group]
+    held = np.cumsum(keep.reshape(a.n_group, -1).sum(axis=1)[order], axis=1)
+    n_take = np.maximum(a.n_group_used, (held < k).sum(axis=1) + 1)         # keep_arrays: k survivors exist
+    chosen = np.zeros(order.shape, bool)
+    np.put_along_axis(chosen, order, np.arange(order.shape[1]) < n_take[:, None], axis=1)
+    return chosen
 
 
 class Block(base.Block):
@@ -263,6 +280,7 @@ class Block(base.Block):
         a, w = self.args, self.w
         if self.il < a.n_layer_dense_lead:
             return swiglu_ffn(x, w.ffn_gate, w.ffn_up, w.ffn_down)
-        ids, wts = route(base.router_logits(w.ffn_gate_inp, x), getattr(w, "exp_probs_b", None), a)
-        out = moe_ffn(self.store, self.il, x, ids, wts)
+        logits = self.mask_logits(base.router_logits(w.ffn_gate_inp, x))
+        ids, wts = route(logits, getattr(w, "exp_probs_b", None), a, self.keep)
+        out = self.run_experts(x, ids, wts)
         return out + swiglu_ffn(x, w.ffn_gate_shexp, w.ffn_up_shexp, w.ffn_down_shexp)
