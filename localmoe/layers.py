@@ -11,12 +11,30 @@ F32 = np.float32
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    """x f32[..., n] -> f32[..., n], rounded like ggml_compute_forward_rms_norm_f32:
-    float32 squares summed in float64, the mean cast to float32, eps added in float32."""
-    mean = ((x * x).sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)
-    scale = F32(1.0) / np.sqrt(mean + F32(eps))
-    y = x * scale[..., None]
-    return y if w is None else y * w
+    """x f32[..., n] -> f32[..., n] (times w f32[n] when given), rounded like
+    ggml_compute_forward_rms_norm_f32 and the weight's ggml_mul: float32 squares summed in
+    float64 in order, the mean cast to float32, eps added and 1/sqrt taken in float32."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty_like(x)
+    n = x.shape[-1]
+    has_w = w is not None
+    _rms_rows(out.reshape(-1, n), x.reshape(-1, n), np.ascontiguousarray(w, dtype=F32) if has_w else x[..., :0].reshape(-1),
+              F32(eps), has_w)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rms_rows(out, x, w, eps, has_w):  # out, x f32[n_rows, n]; w f32[n] (read when has_w)
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        acc = 0.0  # float64, as ggml_float
+        for i in range(n):
+            v = x[r, i]
+            acc += np.float64(v * v)
+        scale = np.float32(1.0) / np.sqrt(np.float32(acc / n) + eps)
+        for i in range(n):
+            y = x[r, i] * scale
+            out[r, i] = y * w[i] if has_w else y
 
 
 def silu(x: np.ndarray) -> np.ndarray:
