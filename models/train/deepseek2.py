@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import rms_norm, swiglu
+from .model import Trunk, rms_norm, swiglu
 
 
 @dataclass(frozen=True)
@@ -164,33 +164,9 @@ class DSBlock(nn.Module):
         return out.view(B, T, d), aux, load
 
 
-class DSModel(nn.Module):
+class DSModel(Trunk):
     def __init__(self, c: DSConfig):
-        super().__init__()
-        self.c = c
-        self.token_embd = nn.Embedding(c.n_vocab, c.n_embd)
-        nn.init.normal_(self.token_embd.weight, std=0.02)
-        self.blocks = nn.ModuleList(DSBlock(c, i >= c.n_lead) for i in range(c.n_layer))
-        self.output_norm = nn.Parameter(torch.ones(c.n_embd))
-        self.output = nn.Linear(c.n_embd, c.n_vocab, bias=False)
-        inv = c.rope_base ** (-torch.arange(0, c.rope, 2, dtype=torch.float64) / c.rope)
-        ang = torch.arange(c.ctx, dtype=torch.float64)[:, None] * inv   # [ctx, rope/2]
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
-
-    def forward(self, ids):
-        """ids [B, T] -> (logits [B, T, V], mean aux loss, tokens per expert [n_moe_layers, n_expert])."""
-        T = ids.shape[1]
-        cos, sin = self.cos[:T], self.sin[:T]
-        x = self.token_embd(ids)
-        auxes, loads = [], []
-        for blk in self.blocks:
-            x, aux, load = blk(x, cos, sin)
-            if load is not None:
-                auxes.append(aux)
-                loads.append(load)
-        logits = self.output(rms_norm(x, self.output_norm, self.c.eps))
-        return logits, torch.stack(auxes).mean(), torch.stack(loads)
+        super().__init__(c, lambda: (DSBlock(c, i >= c.n_lead) for i in range(c.n_layer)), c.rope)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:

@@ -125,32 +125,43 @@ class Block(nn.Module):
         return out, aux, load
 
 
-class MoEModel(nn.Module):
-    def __init__(self, c: Config):
+class Trunk(nn.Module):
+    """What both trained models share: token embedding, the blocks (built by `blocks()` after the
+    embedding, so initialisation draws stay in this order), final norm, untied output head and
+    the RoPE tables over `rope_dim` dims. A block returns (x, aux loss, tokens per expert), with
+    load None for a dense block."""
+
+    def __init__(self, c, blocks, rope_dim: int):
         super().__init__()
         self.c = c
         self.token_embd = nn.Embedding(c.n_vocab, c.n_embd)
         nn.init.normal_(self.token_embd.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(blocks())
         self.output_norm = nn.Parameter(torch.ones(c.n_embd))
         self.output = nn.Linear(c.n_embd, c.n_vocab, bias=False)
-        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
-        ang = torch.arange(c.ctx, dtype=torch.float64)[:, None] * inv   # [ctx, hd/2]
+        inv = c.rope_base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+        ang = torch.arange(c.ctx, dtype=torch.float64)[:, None] * inv   # [ctx, rope_dim/2]
         self.register_buffer("cos", ang.cos().float(), persistent=False)
         self.register_buffer("sin", ang.sin().float(), persistent=False)
 
     def forward(self, ids):
-        """ids [B, T] -> (logits [B, T, V], mean aux loss, tokens per expert [n_layer, n_expert])."""
+        """ids [B, T] -> (logits [B, T, V], mean aux loss, tokens per expert [n_moe_layers, n_expert])."""
         T = ids.shape[1]
         cos, sin = self.cos[:T], self.sin[:T]
         x = self.token_embd(ids)
         auxes, loads = [], []
         for blk in self.blocks:
             x, aux, load = blk(x, cos, sin)
-            auxes.append(aux)
-            loads.append(load)
+            if load is not None:
+                auxes.append(aux)
+                loads.append(load)
         logits = self.output(rms_norm(x, self.output_norm, self.c.eps))
         return logits, torch.stack(auxes).mean(), torch.stack(loads)
+
+
+class MoEModel(Trunk):
+    def __init__(self, c: Config):
+        super().__init__(c, lambda: (Block(c) for _ in range(c.n_layer)), c.head_dim)
 
     def gguf_tensors(self) -> dict:
         """{GGUF tensor name: f32 numpy array in numpy order (= ggml ne reversed)}."""
