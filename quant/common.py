@@ -320,7 +320,8 @@ def check_expert_stacks(qt, out, act, stacks, sel, xrow):
     qs = act[0]
     if (not all(w.ndim == 3 and w.shape[1:] == (out.shape[2], qt.row_bytes(qs.shape[1])) and w.flags.c_contiguous
                 for w in stacks) or len(stacks) != out.shape[0] or qs.dtype != np.int8
-            or max(sel) >= min(w.shape[0] for w in stacks) or max(xrow) >= qs.shape[0]):
+            or len(sel) != out.shape[1] or len(xrow) != out.shape[1] or sel.min() < 0 or xrow.min() < 0
+            or sel.max() >= min(w.shape[0] for w in stacks) or xrow.max() >= qs.shape[0]):
         raise ValueError(f"{qt.qtype.name}: expert stacks do not fit out {out.shape} / activation {qs.shape}")
 
 

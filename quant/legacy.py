@@ -297,7 +297,7 @@ class _Legacy(FusedMatvec, FusedExperts, QuantType):
         n = qy.shape[-1]
         if w.shape[1] != self.row_bytes(n) or dy.shape[-1] * QK8 != n or n_out != w.shape[0]:
             raise ValueError(f"{self.qtype.name}: activation of {n} does not fit weight rows {w.shape}")
-        if not all(a.flags.c_contiguous for a in (qy, dy, sy, w)):
+        if not (qy.flags.c_contiguous and dy.flags.c_contiguous and sy.flags.c_contiguous and w.flags.c_contiguous):
             raise ValueError(f"{self.qtype.name}: kernels need C-contiguous arrays")
 
 

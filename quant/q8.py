@@ -72,4 +72,4 @@ def quantize_activations(x: np.ndarray):
     else:
         bufs = q8_buffers(*x2.shape)
         quantize_q8_rows(x2, *bufs)
-    return tuple(b.reshape(*x.shape[:-1], b.shape[-1]) for b in bufs)
+    return bufs if x.ndim == 2 else tuple(b.reshape(*x.shape[:-1], b.shape[-1]) for b in bufs)
