@@ -30,6 +30,7 @@ from localmoe.errors import LocalMoEError
 
 log = logging.getLogger("localmoe.server")
 _ids = itertools.count(1)
+WARM_TOKENS = 48  # the warm-up batch: past the serial thresholds of the kernels a prompt uses
 MAX_KEPT = 64  # requests whose expert counts GET /v1/experts?id= can still return
 
 
@@ -343,10 +344,7 @@ class Engine:
                 stops = reply_stops(template, tok)
             except ChatTemplateError as e:
                 template_error = str(e)
-            # compile/warm the kernels now, so that the first request does not pay for it
-            m.forward(tok.encode("Hi there", add_special=False)[:2] or [0])
-            m.forward([0])
-            m.reset()
+            self._warm_up(m, tok, template)
         except BaseException:
             m.close()
             raise
@@ -364,6 +362,25 @@ class Engine:
                              time.perf_counter() - t0, store.counts.copy(), moe, read_facts(m, template is not None))
         self.state, self.error = "ok", None
         log.info("loaded %s in %.1f s", path, self.loaded.load_seconds)
+
+    @staticmethod
+    def _warm_up(m, tok, template) -> None:
+        """Load/compile now what a request runs, so that the first one does not pay for it: the
+        request path's modules, a chat prompt, sampling, and forward_seqs over a short prompt, a
+        decode step and a batch long enough for the prefill kernels."""
+        from localmoe.chat import prompt_tokens
+        from localmoe.sampling import Sampler
+        from localmoe.tokenizer import Detokenizer
+        from .reasoning import ThinkSplitter  # noqa: F401 - imported for the first request
+        if template is not None:
+            prompt_tokens(tok, template, [{"role": "user", "content": "Hi"}])
+        hi = tok.encode("Hi there", add_special=False)[:2] or [0]
+        logits = m.forward_seqs([(m.cache, hi)])[0]
+        Detokenizer(tok).feed(Sampler(temperature=0.8, seed=0).sample(logits, hi))
+        m.forward_seqs([(m.cache, [0])])
+        m.reset()
+        m.forward_seqs([(m.cache, (hi * WARM_TOKENS)[:max(1, min(WARM_TOKENS, m.n_ctx - 1))])])
+        m.reset()
 
     def _unload(self) -> None:
         L, self.loaded = self.loaded, None
