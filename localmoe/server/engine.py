@@ -372,8 +372,12 @@ class Engine:
         from localmoe.sampling import Sampler
         from localmoe.tokenizer import Detokenizer
         from .reasoning import ThinkSplitter  # noqa: F401 - imported for the first request
+        from localmoe.chat_template import ChatTemplateError
         if template is not None:
-            prompt_tokens(tok, template, [{"role": "user", "content": "Hi"}])
+            try:
+                prompt_tokens(tok, template, [{"role": "user", "content": "Hi"}])
+            except ChatTemplateError:
+                pass  # a template that refuses is each chat request's 400, not a load failure
         hi = tok.encode("Hi there", add_special=False)[:2] or [0]
         logits = m.forward_seqs([(m.cache, hi)])[0]
         Detokenizer(tok).feed(Sampler(temperature=0.8, seed=0).sample(logits, hi))
