@@ -34,11 +34,17 @@ def row_seq(n_tok: int) -> np.ndarray | None:
     return seq if seq is not None and seq.shape[0] == n_tok else None
 
 
-def by_sequence(seq: np.ndarray | None):
-    """Row indices per sequence, or None when there is one sequence."""
+def per_sequence(fn, out: np.ndarray, x: np.ndarray, seq: np.ndarray | None) -> None:
+    """fn(out, x) over all rows, or, when the rows hold several sequences (seq i32[n_tok], see
+    ROW_SEQ), over each sequence's rows apart, as that sequence would run alone."""
     if seq is None or seq.size < 2 or (seq == seq[0]).all():
-        return None
-    return [np.flatnonzero(seq == s) for s in np.unique(seq)]
+        fn(out, x)
+        return
+    for s in np.unique(seq):
+        rows = np.flatnonzero(seq == s)
+        part = np.empty((rows.size,) + out.shape[1:], out.dtype)
+        fn(part, np.ascontiguousarray(x[rows]))
+        out[rows] = part
 
 
 class Linear:
@@ -80,15 +86,8 @@ class Linear:
         if x.shape[-1] != self.n_in or out.shape != (x.shape[0], self.n_out):  # the nogil kernels do not check
             raise LocalMoEError(f"{self.name} {self.shape}: inputs {x.shape} / outputs {out.shape} do not fit")
         act = x.prepared(self.qt) if isinstance(x, Activation) else self.qt.prepare(x)
-        groups = by_sequence(x.seq if isinstance(x, Activation) else row_seq(x.shape[0])) \
-            if self.qtype in FLOAT_TYPES else None
-        if groups is None:
-            self.qt.matmul_prepared_into(out, act, self.rows)
-        else:  # see ROW_SEQ
-            for rows in groups:
-                part = np.empty((rows.size, self.n_out), np.float32)
-                self.qt.matmul_prepared_into(part, np.ascontiguousarray(act[rows]), self.rows)
-                out[rows] = part
+        seq = (x.seq if isinstance(x, Activation) else row_seq(x.shape[0])) if self.qtype in FLOAT_TYPES else None
+        per_sequence(lambda o, a: self.qt.matmul_prepared_into(o, a, self.rows), out, act, seq)  # see ROW_SEQ
         if self.bias is not None:
             out += self.bias
 

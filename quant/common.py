@@ -77,7 +77,7 @@ def q8_k_buffers(n_tok: int, n: int):
 # activations up to this many elements are quantized on the calling thread: Q8_0 of 64 x 2048
 # takes 0.24 ms there, and the parallel kernel took as long with sleeping (OMP passive) workers
 # and 7.8 ms with spinning ones on a busy 2-core machine
-SERIAL_Q8_K = 1 << 17
+SERIAL_ACT = 1 << 17
 
 
 @njit(nogil=True, cache=True)
@@ -102,7 +102,7 @@ def q8_k_activation(x, group=16):
     """x f32[n_tok, n] -> (qs i8[n_tok, n], d8 f32[n_tok, n//256], sums i32[n_tok, n//group]), sums over
     16 (ggml's bsums) or 32 quants. A few rows (decode) skip the parallel region: its fork/join would
     cost more than the work."""
-    if x.size <= SERIAL_Q8_K:
+    if x.size <= SERIAL_ACT:
         return q8_k_serial(x, group)
     qs, d8, bsums = q8_k_buffers(*x.shape)
     quantize_q8_k_rows(x, qs, d8, bsums)

@@ -9,7 +9,7 @@ round half to even (_mm256_round_ps), s from the unrounded d.
 import numpy as np
 from numba import njit, prange
 
-from .common import SERIAL_Q8_K
+from .common import SERIAL_ACT
 from .floats import f16_to_f32, f32_to_f16
 
 QK8 = 32
@@ -67,7 +67,7 @@ def q8_buffers(n_tok: int, n: int):
 def quantize_activations(x: np.ndarray):
     """(qs, d, s) for f32 x of shape [n] or [n_tok, n]; results keep x's leading shape."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.size <= SERIAL_Q8_K:  # a few rows: a parallel region's fork/join would cost more than the work
+    if x2.size <= SERIAL_ACT:  # a few rows: a parallel region's fork/join would cost more than the work
         bufs = q8_serial(x2)
     else:
         bufs = q8_buffers(*x2.shape)

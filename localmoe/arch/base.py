@@ -18,7 +18,7 @@ from localmoe.layers import (Rope, RunBuffers, apply_rope, attention, matmul_f32
                              sigmoid, softmax)
 from localmoe.moe import moe_ffn
 from localmoe.routing import run_mask
-from localmoe.weights import Activation, by_sequence, row_seq
+from localmoe.weights import Activation, per_sequence, row_seq
 
 INT_MAX = (1 << 31) - 1   # llama.cpp holds hyperparameters in 32-bit integers
 MAX_LAYERS = 512          # llama.cpp's LLAMA_MAX_LAYERS: the longest per-layer array
@@ -324,16 +324,14 @@ def router_logits(gate, x: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         raise LocalMoEError(f"{gate.name} {gate.shape}: inputs {x.shape} / outputs {out.shape} do not fit")
     w = gate.rows.view(np.float32).reshape(gate.n_out, gate.n_in)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    for rows in by_sequence(row_seq(n_tok)) or [slice(None)]:  # see weights.ROW_SEQ
-        xs = x[rows] if isinstance(rows, np.ndarray) else x
-        part = out[rows] if isinstance(rows, np.ndarray) else out
+
+    def dot(o, xs):  # o f32[n, n_expert], xs f32[n, n_embd]
         if xs.shape[0] >= 2 and gate.n_in % 16 == 0 and gate.n_out % 4 == 0:
-            matmul_f32_sgemm(part, xs, w)
+            matmul_f32_sgemm(o, xs, w)
         else:
             for t in range(xs.shape[0]):
-                matvec_f32_vec_dot(part[t], xs[t], w)
-        if isinstance(rows, np.ndarray):
-            out[rows] = part
+                matvec_f32_vec_dot(o[t], xs[t], w)
+    per_sequence(dot, out, x, row_seq(n_tok))  # see weights.ROW_SEQ
     return out
 
 

@@ -265,7 +265,7 @@ class Engine:
             self.on_fatal()  # the server stops; `localmoe serve` prints the error
         stopping = False
         while True:
-            while not stopping and len(self._active) < len(self._slots or [None]):
+            while not stopping and len(self._active) < max(1, len(self._slots)):  # no slots: no model
                 job, self._held = self._held, None
                 if job is None:
                     try:
@@ -296,11 +296,8 @@ class Engine:
         self._unload()
 
     def _swaps(self, job: Job) -> bool:
-        try:
-            path = job.req.model
-            return path is not None and self.loaded is not None and self.loaded.path != path
-        except Exception:  # noqa: BLE001
-            return False
+        path = job.req.model
+        return path is not None and self.loaded is not None and self.loaded.path != path
 
     def _admit(self, job: Job) -> None:
         """Start a job in a free slot, or answer it with its error."""
