@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from localmoe.quant.floats import f16_to_f32
+
 F32 = np.float32
 
 
@@ -258,8 +260,9 @@ def _fold4(acc):  # acc f32[4, 16] -> acc[0] = (acc0 + acc2) + (acc1 + acc3), gg
 
 
 @njit(inline="always")
-def _dot_f16(a, b, acc, one_tok):  # a, b f32[n] holding fp16 values; acc f32[4, 16] scratch
-    """a·b as llama.cpp's f16 mul_mat computes it. Products of fp16 values are exact in f32,
+def _dot_f16(a, b, acc, one_tok):  # a f32[n] holding fp16 values, b u16[n] fp16 bits; acc f32[4, 16] scratch
+    """a·b as llama.cpp's f16 mul_mat computes it. b is read from the fp16 cache as it is
+    (vcvtph2ps per element), so no f32 copy of the cache is made. Products of fp16 values are exact in f32,
     so fma == multiply-add and only the summation order matters: batches (n % 16 == 0) go
     through llamafile sgemm, 16 lanes then _reduce16; one token (sgemm needs two) through
     ggml_vec_dot_f16: four 16-lane accumulators over 64-wide steps, leftovers in float64."""
@@ -267,15 +270,15 @@ def _dot_f16(a, b, acc, one_tok):  # a, b f32[n] holding fp16 values; acc f32[4,
     acc[:] = 0
     if not one_tok and n % 16 == 0:
         for d in range(n):
-            acc[0, d & 15] += a[d] * b[d]
+            acc[0, d & 15] += a[d] * f16_to_f32(b[d])
         return _reduce16(acc[0])
     n64 = n & ~63
     for d in range(n64):
-        acc[(d >> 4) & 3, d & 15] += a[d] * b[d]
+        acc[(d >> 4) & 3, d & 15] += a[d] * f16_to_f32(b[d])
     _fold4(acc)
     s = np.float64(_reduce16(acc[0]))
     for d in range(n64, n):
-        s += np.float64(a[d] * b[d])
+        s += np.float64(a[d] * f16_to_f32(b[d]))
     return np.float32(s)
 
 
@@ -327,7 +330,7 @@ def _values_row(out, p, v, one_tok, th):
         if w != 0:  # masked positions add exact zeros
             vj = v[j, h // g]
             for d in range(o.size):
-                acc[d, (j >> 4) & quad, j & 15] += w * vj[d]
+                acc[d, (j >> 4) & quad, j & 15] += w * f16_to_f32(vj[d])
     for d in range(o.size):
         _fold4(acc[d])
         o[d] = _reduce16(acc[d, 0])
@@ -336,7 +339,7 @@ def _values_row(out, p, v, one_tok, th):
 # Parallel over (token, head), and the same loops on one thread for small work
 # (a decode step at short context), where the fork/join would cost more.
 @njit(cache=True, nogil=True, parallel=True)
-def attn_probs(p, q, k, pos0, scale, one_tok):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k f32[>= n_kv, n_head_kv, hd]
+def attn_probs(p, q, k, pos0, scale, one_tok):  # p f32[n_tok, n_head, n_kv], q f32[n_tok, n_head, hd], k u16[>= n_kv, n_head_kv, hd] (fp16 bits)
     for th in prange(q.shape[0] * q.shape[1]):
         _probs_row(p, q, k, pos0, scale, one_tok, th)
 
@@ -348,7 +351,7 @@ def attn_probs_serial(p, q, k, pos0, scale, one_tok):  # as attn_probs
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attn_values(out, p, v, one_tok):  # out f32[n_tok, n_head, hd_v], p f32[n_tok, n_head, n_kv], v f32[>= n_kv, n_head_kv, hd_v]
+def attn_values(out, p, v, one_tok):  # out f32[n_tok, n_head, hd_v], p f32[n_tok, n_head, n_kv], v u16[>= n_kv, n_head_kv, hd_v] (fp16 bits)
     for th in prange(p.shape[0] * p.shape[1]):
         _values_row(out, p, v, one_tok, th)
 
@@ -379,8 +382,6 @@ class RunBuffers:
     k: np.ndarray          # f32[n_ub, n_head_kv * hd_k]
     v: np.ndarray          # f32[n_ub, n_head_kv * hd_v]
     router: np.ndarray     # f32[n_ub, n_expert]: router logits
-    k_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_k]: cached keys 0..n_kv widened for the kernels
-    v_f32: np.ndarray      # f32[n_ctx * n_head_kv * hd_v]
     probs: np.ndarray      # f32[n_rows * n_head * n_ctx]: attention probabilities [rows, n_head, n_kv] of one
                            #   tile of query rows, n_rows = attn_tile_rows(n_head, n_ctx, n_ub)
     probs_f16: np.ndarray  # f16[n_rows * n_head * n_ctx]: their fp16 rounding
@@ -393,7 +394,6 @@ class RunBuffers:
         n_p = attn_tile_rows(args.n_head, n_ctx, n_ub) * args.n_head * n_ctx
         return {"q": ((n_ub, args.n_head * args.head_dim_k), F32), "k": ((n_ub, kv_k), F32),
                 "v": ((n_ub, kv_v), F32), "router": ((n_ub, args.n_expert), F32),
-                "k_f32": ((n_ctx * kv_k,), F32), "v_f32": ((n_ctx * kv_v,), F32),
                 "probs": ((n_p,), F32), "probs_f16": ((n_p,), np.float16),
                 "attn_out": ((n_ub * args.n_head * args.head_dim_v,), F32)}
 
@@ -422,11 +422,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     """
     n_tok, n_head, _ = q.shape
     n_kv = pos0 + n_tok
-    kf, vf, pf, p16f, of = (None,) * 5 if buf is None else (buf.k_f32, buf.v_f32, buf.probs, buf.probs_f16, buf.attn_out)
-    k = _view(kf, (n_kv,) + k_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_k]
-    np.copyto(k, k_cache[:n_kv])
-    v = _view(vf, (n_kv,) + v_cache.shape[1:])               # f32[n_kv, n_head_kv, hd_v]
-    np.copyto(v, v_cache[:n_kv])
+    pf, p16f, of = (None,) * 3 if buf is None else (buf.probs, buf.probs_f16, buf.attn_out)
+    k = k_cache[:n_kv].view(np.uint16)                       # u16[n_kv, n_head_kv, hd_k]: the fp16 bits, no copy
+    v = v_cache[:n_kv].view(np.uint16)                       # u16[n_kv, n_head_kv, hd_v]
     q16 = round_f16(q)
     out = _view(of, (n_tok, n_head, v_cache.shape[2]))       # f32[n_tok, n_head, hd_v]
     rows = attn_tile_rows(n_head, k_cache.shape[0], n_tok)   # the tile RunBuffers was sized for

@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent("""
         act = qt.prepare(random_x(2, n_cols, 3))
         qt.matvec_experts_into(np.empty((1, 2, n_rows), np.float32), act, (np.stack([w, w]),),
                                np.array([1, 0]), np.array([0, 1]))
-    q, k, v = (np.ones(s, np.float32) for s in ((2, 4, 64), (5, 2, 64), (5, 2, 64)))
+    q = np.ones((2, 4, 64), np.float32)
+    k, v = (np.ones((5, 2, 64), np.float16).view(np.uint16) for _ in range(2))
     p = np.empty((2, 4, 5), np.float32)
     layers.attn_probs(p, q, k, 3, 0.125, False)
     layers.attn_values(np.empty((2, 4, 64), np.float32), p, v, False)

@@ -213,6 +213,16 @@ def _masked_groups(best2: np.ndarray, keep: np.ndarray, a: ModelArgs, k: int) ->
     return chosen
 
 
+def _per_head(lin, x: np.ndarray) -> np.ndarray:
+    """One token's heads each through its own matrix of lin (n_head, out, in): x f32[n_head, in]
+    -> f32[n_head, out] in one kernel call (mul_mat_id's shape) instead of one Linear per head.
+    llama.cpp multiplies a one-token batch of heads row by row (vec_dot), as this kernel does."""
+    heads = np.arange(x.shape[0], dtype=np.int64)
+    out = np.empty((1, x.shape[0], lin.n_out), np.float32)
+    lin.qt.matvec_experts_into(out, lin.qt.prepare(np.ascontiguousarray(x)), (lin.rows,), heads, heads)
+    return out[0]
+
+
 class Block(base.Block):
     required = ("attn_norm", "attn_kv_a_mqa", "attn_kv_a_norm", "attn_output", "ffn_norm")
 
@@ -255,13 +265,18 @@ class Block(base.Block):
         a, w = self.args, self.w
         n_tok, r, nope = q.shape[0], a.kv_lora_rank, a.head_dim_qk - a.n_rot
         q_lat = np.empty((n_tok, a.n_head, r + a.n_rot), np.float32)       # f32[n_tok, n_head, r + n_rot]
-        for h in range(a.n_head):
-            q_lat[:, h, :r] = w.attn_k_b.stacked(h)(q[:, h, :nope])
+        if n_tok == 1:
+            q_lat[0, :, :r] = _per_head(w.attn_k_b, q[0, :, :nope])
+        else:
+            for h in range(a.n_head):
+                q_lat[:, h, :r] = w.attn_k_b.stacked(h)(q[:, h, :nope])
         q_lat[:, :, r:] = q[:, :, nope:]
         k = np.concatenate([latent[:, None, :], k_pe], axis=-1)            # f32[n_tok, 1, r + n_rot]
         cache.store(self.il, k, k[..., :0])                                  # V is a view of K: none stored
         kc = cache.k[self.il]
         o = attention(q_lat, kc, kc[..., :r], cache.n_past, a.kq_scale).reshape(n_tok, a.n_head, r)
+        if n_tok == 1:
+            return _per_head(w.attn_v_b, o[0]).reshape(1, -1)
         out = np.empty((n_tok, a.n_head, a.head_dim_v_mla), np.float32)
         for h in range(a.n_head):
             out[:, h] = w.attn_v_b.stacked(h)(o[:, h])
