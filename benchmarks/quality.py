@@ -272,11 +272,16 @@ def usage_table(counts: np.ndarray) -> tuple[list[list], np.ndarray, list[tuple[
     """counts i[n_layer, n_expert] routed slots -> (rows: layer, % per expert, min %, max %, flag;
     shares f64[n_layer, n_expert]; collapsed (layer, expert) pairs under COLLAPSE x the uniform share)."""
     counts = np.asarray(counts, np.float64)
-    shares = counts / counts.sum(axis=1, keepdims=True)
+    total = counts.sum(axis=1, keepdims=True)
+    dense = total[:, 0] == 0  # a layer that routes nothing (deepseek2's leading dense layers): uniform, not 0/0
+    shares = np.where(dense[:, None], 1 / counts.shape[1], counts / np.maximum(total, 1))
     limit = COLLAPSE / counts.shape[1]
     collapsed = [(int(il), int(e)) for il, e in zip(*np.nonzero(shares < limit))]
     rows = []
     for il, s in enumerate(shares):
+        if dense[il]:
+            rows.append([il, *("-" for _ in range(len(s) + 2)), "dense (no experts)"])
+            continue
         low = [f"e{e}" for l2, e in collapsed if l2 == il]
         rows.append([il, *(_num(100 * x, 1) for x in (*s, s.min(), s.max())),
                      "collapsed: " + " ".join(low) if low else "ok"])

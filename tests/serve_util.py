@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "shipped" / "shakespeare-moe-Q8_0.gguf"
+SHIPPED = ROOT / "models" / "shipped" / "shakespeare-moe-Q8_0.gguf"     # the default model
+SHIPPED_DS = ROOT / "models" / "shipped" / "shakespeare-ds-Q8_0.gguf"   # the fine-grained deepseek2 one
 START_TIMEOUT_S = 300  # a fresh checkout compiles the numba kernels on the first load
 
 

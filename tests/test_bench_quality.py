@@ -80,6 +80,14 @@ def test_usage_table_shares_and_collapse_flag():
     assert rows[1] == [1, "40.0", "40.0", "18.0", "2.0", "2.0", "40.0", "collapsed: e3"]
 
 
+def test_usage_table_dense_layer():
+    """A leading dense layer (deepseek2) routes nothing: a row of its own, no 0/0 shares, no flag."""
+    rows, shares, collapsed = quality.usage_table(np.array([[0, 0, 0, 0], [30, 30, 30, 10]]))
+    assert np.isfinite(shares).all() and collapsed == []
+    assert rows[0] == [0, "-", "-", "-", "-", "-", "-", "dense (no experts)"]
+    assert rows[1][-1] == "ok"
+
+
 def test_right_align_pads_text_to_the_header_or_widest_cell():
     rows = quality.right_align(["k", "ppl", "x"], [["1", "9.5", 3], ["long", "10.25", None]])
     assert rows == [["1", "  9.5", 3], ["long", "10.25", None]]  # column 0 stays as it is

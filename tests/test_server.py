@@ -22,7 +22,7 @@ import ollama
 import openai
 import pytest
 
-from serve_util import SHIPPED, Server, port_free
+from serve_util import SHIPPED, SHIPPED_DS, Server, port_free
 
 KEY = "test-key-123"
 TIMEOUT = 60  # seconds; generous: the machine may be shared
@@ -35,7 +35,7 @@ GREEDY = {"temperature": 0, "max_tokens": 8}
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    s = Server("--ctx", "1024", log=tmp_path_factory.mktemp("serve") / "server.log").wait_ready()
+    s = Server(str(SHIPPED), "--ctx", "1024", log=tmp_path_factory.mktemp("serve") / "server.log").wait_ready()
     yield s
     assert s.stop() == 0, s.log()
 
@@ -43,7 +43,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def serial(tmp_path_factory):
     """One request at a time (--parallel 1): the FIFO order is the completion order."""
-    s = Server("--ctx", "1024", "--parallel", "1", log=tmp_path_factory.mktemp("serial") / "server.log").wait_ready()
+    s = Server(str(SHIPPED), "--ctx", "1024", "--parallel", "1",
+               log=tmp_path_factory.mktemp("serial") / "server.log").wait_ready()
     yield s
     assert s.stop() == 0, s.log()
 
@@ -405,6 +406,37 @@ def test_parallel_clients_share_batches_and_get_their_own_replies(server):
         assert req_c["n_tokens"] == usage.prompt_tokens + usage.completion_tokens - 1
         assert all(sum(req_c["counts"][il]) == req_c["n_tokens"] * k for il in ex["moe_layers"])
     assert get(server.url + "/v1/experts", params={"id": "nope"}).status_code == 404
+
+
+def test_deepseek2_model_serves_parallel_clients(tmp_path):
+    """The fine-grained shipped model (deepseek2: MLA, a leading dense layer, 32 experts, top-6 +
+    2 shared): 4 clients at once get the replies each gets alone, and the expert counts cover the
+    MoE layers only."""
+    s = Server(str(SHIPPED_DS), "--parallel", "4", log=tmp_path / "server.log").wait_ready()
+    try:
+        c = oai(s, timeout=120)
+        assert [m.id for m in c.models.list()] == ["shakespeare-ds-Q8_0"]
+        req = dict(temperature=0, max_tokens=12, seed=0, extra_body={"cache_prompt": False})
+        alone = [c.chat.completions.create(model="any", messages=chat_msgs(p), **req).choices[0].message.content
+                 for p in PROMPTS8[:4]]
+        results = [None] * 4
+
+        def client(i):
+            results[i] = c.chat.completions.create(model="any", messages=chat_msgs(PROMPTS8[i]), **req
+                                                   ).choices[0].message.content
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == alone and all(alone)
+        ex = get(s.url + "/v1/experts").json()
+        assert (ex["n_expert"], ex["n_expert_used"]) == (32, 6)
+        assert ex["moe_layers"] == list(range(1, ex["n_layer"]))  # layer 0 is dense
+        total = ex["total"]
+        assert sum(map(sum, total["counts"])) == total["n_tokens"] * 6 * len(ex["moe_layers"]) > 0
+    finally:
+        assert s.stop() == 0, s.log()
 
 
 def test_queue_full_503(guarded):

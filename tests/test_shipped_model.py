@@ -1,5 +1,6 @@
-"""The shipped default model: the file the golden ids were made from, and localmoe's greedy
-tokens on it equal to llama.cpp's. After replacing the model: python -m tests.make_golden."""
+"""The shipped models (the default, qwen3moe, and the fine-grained deepseek2 one): the files the
+golden ids were made from, and localmoe's greedy tokens and logits on them equal to llama.cpp's.
+After replacing a model: python -m tests.make_golden."""
 import json
 
 import numpy as np
@@ -8,19 +9,36 @@ from click.testing import CliRunner
 
 import localmoe
 from localmoe.cli import main
-from localmoe.shipped import default_model_path
+from localmoe.gguf_file import open_gguf
+from localmoe.shipped import FILENAME, SHIPPED, default_model_path, shipped_path
 from reference import greedy, logits_batch, logits_stepwise, tokenize
-from tests.make_golden import GOLDEN, N_TOKENS, sha256
+from tests.make_golden import N_TOKENS, golden_path, sha256
 
 
 ROMEO = "ROMEO.\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 2
 
 
+@pytest.fixture(scope="module", params=SHIPPED)
+def name(request):
+    return request.param
+
+
+def load_golden(name: str) -> dict:
+    path = golden_path(name)
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run python -m tests.make_golden for the shipped models")
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
-def golden():
-    if not GOLDEN.exists():
-        pytest.fail(f"{GOLDEN} is missing: run python -m tests.make_golden for the shipped model")
-    return json.loads(GOLDEN.read_text())
+def golden(name):
+    return load_golden(name)
+
+
+def k_override(path, k: int) -> dict:
+    """llama.cpp's kv override of the file's active-expert count."""
+    with open_gguf(path) as f:
+        return {f"{f.metadata['general.architecture']}.expert_used_count": k}
 
 
 @pytest.fixture(autouse=True)
@@ -28,24 +46,28 @@ def packaged(monkeypatch):
     monkeypatch.delenv("LOCALMOE_MODEL", raising=False)
 
 
-def test_golden_is_for_this_file(golden):
-    path = default_model_path()
+def test_default_is_the_first_shipped_model():
+    assert default_model_path() == shipped_path(SHIPPED[0]) == shipped_path(FILENAME)
+
+
+def test_golden_is_for_this_file(name, golden):
+    path = shipped_path(name)
     assert sha256(path) == golden["sha256"], (
-        f"{path.name} is not the file {GOLDEN.name} was made from: run python -m tests.make_golden")
+        f"{path.name} is not the file {golden_path(name).name} was made from: run python -m tests.make_golden")
     assert len(golden["greedy_ids"]) == N_TOKENS
 
 
 @pytest.mark.reference
-def test_llama_cpp_greedy_matches_golden(golden):
-    path = default_model_path()
+def test_llama_cpp_greedy_matches_golden(name, golden):
+    path = shipped_path(name)
     assert tokenize(path, golden["prompt"]) == golden["prompt_ids"]
     ids, _ = greedy(path, golden["prompt_ids"], N_TOKENS)
     assert ids == golden["greedy_ids"], "llama.cpp's greedy ids (tolerance: exact)"
 
 
 @pytest.mark.reference
-def test_localmoe_greedy_matches_golden(golden):
-    m = localmoe.load(default_model_path(), n_threads=2)
+def test_localmoe_greedy_matches_golden(name, golden):
+    m = localmoe.load(shipped_path(name), n_threads=2)
     assert m.tokenize(golden["prompt"]) == golden["prompt_ids"]
     m.reset()
     row = m.forward(golden["prompt_ids"], all_logits=False)[-1]
@@ -57,7 +79,8 @@ def test_localmoe_greedy_matches_golden(golden):
 
 
 @pytest.mark.reference
-def test_run_without_model_uses_the_shipped_one(golden):
+def test_run_without_model_uses_the_shipped_one():
+    golden = load_golden(FILENAME)
     res = CliRunner().invoke(main, ["run", "-p", golden["prompt"], "-n", str(N_TOKENS), "--temp", "0"])
     assert res.exit_code == 0, res.output
     tok = localmoe.load_tokenizer(default_model_path())
@@ -106,15 +129,15 @@ def test_chat_reply_ends_at_the_turn_break():
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("k", [2, 6])
-def test_stepwise_logits_bit_identical_to_llama_cpp(k):
+@pytest.mark.parametrize("k", [2, 6])   # the trained k of one model, and a k it was not trained for
+def test_stepwise_logits_bit_identical_to_llama_cpp(name, k):
     """Token by token (the decode path), every position's logits equal llama.cpp's (tolerance: 0).
     A trained model is far more sensitive than the random test models: a last-bit difference
     anywhere (router order, silu, softmax) flips some Q8_0 activation rounding within a few
     dozen positions, and greedy decodes part at near-ties (benchmarks/parting.py)."""
-    path = default_model_path()
+    path = shipped_path(name)
     ids = tokenize(path, ROMEO)
-    ref = logits_stepwise(path, ids, kv_overrides={"qwen3moe.expert_used_count": k})
+    ref = logits_stepwise(path, ids, kv_overrides=k_override(path, k))
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)
         ours = np.stack([m.forward([t])[-1] for t in ids])
@@ -124,14 +147,14 @@ def test_stepwise_logits_bit_identical_to_llama_cpp(k):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("text,k", [(ROMEO, 2), (ROMEO, 6), ("MACBETH\n\nby William Shakespeare\n\n\n\n\nPersons Rep", 2)])
-def test_batch_logits_bit_identical_to_llama_cpp(text, k):
+def test_batch_logits_bit_identical_to_llama_cpp(name, text, k):
     """A prompt in one batch: every position's logits equal llama.cpp's (tolerance: 0), although
-    llama.cpp's own batch logits differ from its token-by-token ones here (k = 6 from position 9):
+    llama.cpp's own batch logits differ from its token-by-token ones on the qwen3moe model (k = 6 from position 9):
     batches take llamafile sgemm's order for the F32 router (arch/base.router_logits), and the
     F16 attention products (layers._dot_f16)."""
-    path = default_model_path()
+    path = shipped_path(name)
     ids = tokenize(path, text)
-    ref = logits_batch(path, ids, kv_overrides={"qwen3moe.expert_used_count": k})
+    ref = logits_batch(path, ids, kv_overrides=k_override(path, k))
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)
         ours = m.forward(ids)

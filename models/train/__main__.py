@@ -45,7 +45,7 @@ PRESETS = {   # n_vocab is filled in from the trained tokenizer
                  Schedule(steps=300, batch=2, lr=3e-3, warmup=30, eval_every=100, ckpt_minutes=2.0,
                           aux_coef=1e-4, bias_rate=1e-2)),
     # the fine-grained model: MLA, 1 dense + 5 MoE layers of 32 experts, top-6 + 2 shared, 2048 context;
-    # 24M parameters, as many active per token as "full". 900 steps = 7.37M tokens (~4 epochs), ~2 h at
+    # 24M parameters, as many active per token as "full". 900 steps = 7.37M tokens (~4 epochs), 90 min at
     # 2 threads (README)
     "ds-full": (DSConfig(n_vocab=0, n_embd=256, n_layer=6, n_head=8, kv_lora=128, nope=32, rope=16, v_dim=48,
                          n_ff=1024, n_expert=32, n_used=6, n_shared=2, n_ff_exp=128, ctx=2048),
