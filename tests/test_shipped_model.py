@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import localmoe
+from benchmarks.quality import expert_key
 from localmoe.cli import main
-from localmoe.gguf_file import open_gguf
 from localmoe.shipped import FILENAME, SHIPPED, default_model_path, shipped_path
 from reference import greedy, logits_batch, logits_stepwise, tokenize
 from tests.make_golden import N_TOKENS, golden_path, sha256
@@ -33,12 +33,6 @@ def load_golden(name: str) -> dict:
 @pytest.fixture(scope="module")
 def golden(name):
     return load_golden(name)
-
-
-def k_override(path, k: int) -> dict:
-    """llama.cpp's kv override of the file's active-expert count."""
-    with open_gguf(path) as f:
-        return {f"{f.metadata['general.architecture']}.expert_used_count": k}
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +131,7 @@ def test_stepwise_logits_bit_identical_to_llama_cpp(name, k):
     dozen positions, and greedy decodes part at near-ties (benchmarks/parting.py)."""
     path = shipped_path(name)
     ids = tokenize(path, ROMEO)
-    ref = logits_stepwise(path, ids, kv_overrides=k_override(path, k))
+    ref = logits_stepwise(path, ids, kv_overrides={expert_key(path): k})
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)
         ours = np.stack([m.forward([t])[-1] for t in ids])
@@ -154,7 +148,7 @@ def test_batch_logits_bit_identical_to_llama_cpp(name, text, k):
     F16 attention products (layers._dot_f16)."""
     path = shipped_path(name)
     ids = tokenize(path, text)
-    ref = logits_batch(path, ids, kv_overrides=k_override(path, k))
+    ref = logits_batch(path, ids, kv_overrides={expert_key(path): k})
     with localmoe.load(path, n_ctx=128) as m:
         m.set_expert_used(k)
         ours = m.forward(ids)
